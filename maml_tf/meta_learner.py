@@ -1,0 +1,114 @@
+"""MAML's inner loop (``adapt``) and outer objective (``meta_loss``); no I/O, no flags.
+
+All T tasks of a meta-batch are adapted together: the fast weights carry a leading
+task axis (``[T, *shape]``), and since the tasks' losses are independent, the gradient
+of their *sum* with respect to those fast weights is each task's own gradient. The
+inner gradients are taken in a nested ``tf.GradientTape`` and, for second-order MAML,
+stay on the outer tape, so the meta-gradient differentiates through every inner step.
+
+Shapes (see ``data.episode.Episode``): support ``x`` ``[T, N_s, ...]``, ``y`` ``[T, N_s, ...]``;
+query ``[T, N_q, ...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import tensorflow as tf
+
+from data.episode import Episode
+from models.functional import FunctionalModel, tile_for_tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+    """Query metrics of each task after 0..S inner steps.
+
+    loss: ``[T, S + 1]``; accuracy: ``[T, S + 1]`` or None for regression.
+    """
+    loss: tf.Tensor
+    accuracy: tf.Tensor | None
+
+
+class MetaLearner:
+    """Second- or first-order MAML around a ``FunctionalModel``.
+
+    Args:
+      net: the model, called functionally on fast weights.
+      loss_fn: ``(outputs [T,N,...], labels) -> [T]`` per-task loss.
+      metric_fn: optional ``(outputs, labels) -> [T]`` (accuracy), or None.
+      inner_lr: the inner SGD step size alpha.
+      first_order: drop the second-order term: inner gradients are treated as
+        constants by the outer tape (FOMAML).
+    """
+
+    def __init__(self, net: FunctionalModel, loss_fn: Callable, metric_fn: Callable | None,
+                 inner_lr: float, first_order: bool = False):
+        self.net = net
+        self.loss_fn = loss_fn
+        self.metric_fn = metric_fn
+        self.inner_lr = inner_lr
+        self.first_order = first_order
+
+    # -- inner loop ---------------------------------------------------------------------
+    def inner_update(self, params: list[tf.Tensor], grads: list[tf.Tensor],
+                     step: int) -> list[tf.Tensor]:
+        """One SGD step on the fast weights. Subclasses (Meta-SGD, LSLR) override."""
+        lr = tf.constant(self.inner_lr, dtype=params[0].dtype)
+        return [p - lr * g for p, g in zip(params, grads)]
+
+    def support_grads(self, params: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
+                      first_order: bool) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """Gradient of each task's support loss w.r.t. its fast weights ``[T, *shape]``."""
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            losses = self.loss_fn(self.net.apply(params, x), y)
+            total = tf.reduce_sum(losses)
+        grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        if first_order:
+            grads = [tf.stop_gradient(g) for g in grads]
+        return grads, losses
+
+    def adapt(self, weights: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, steps: int,
+              first_order: bool | None = None) -> list[list[tf.Tensor]]:
+        """Runs ``steps`` inner SGD steps for every task.
+
+        weights: meta-weights ``[*shape]``; x, y: support set ``[T, N_s, ...]``.
+        Returns the fast weights after 0..steps steps, each ``[T, *shape]``.
+        """
+        first_order = self.first_order if first_order is None else first_order
+        params = tile_for_tasks(weights, x.shape[0])
+        trajectory = [params]
+        for step in range(steps):
+            grads, _ = self.support_grads(params, x, y, first_order)
+            params = self.inner_update(params, grads, step)
+            trajectory.append(params)
+        return trajectory
+
+    # -- outer objective ----------------------------------------------------------------
+    def query_metrics(self, params: list[tf.Tensor], x: tf.Tensor,
+                      y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+        out = self.net.apply(params, x)
+        metric = self.metric_fn(out, y) if self.metric_fn is not None else None
+        return self.loss_fn(out, y), metric
+
+    def meta_loss(self, weights: Sequence[tf.Tensor], episode: Episode, steps: int,
+                  first_order: bool | None = None,
+                  track_steps: bool = True) -> tuple[tf.Tensor, StepMetrics]:
+        """Query loss after ``steps`` inner steps, averaged over tasks (a scalar).
+
+        With ``track_steps`` the query metrics after every intermediate step are also
+        computed (for TensorBoard); otherwise only the first and last.
+        """
+        trajectory = self.adapt(weights, episode.support_x, episode.support_y, steps,
+                                first_order)
+        tracked = range(len(trajectory)) if track_steps else sorted({0, len(trajectory) - 1})
+        losses, metrics = [], []
+        for k in tracked:
+            loss, metric = self.query_metrics(trajectory[k], episode.query_x, episode.query_y)
+            losses.append(loss)
+            metrics.append(metric)
+        per_step = StepMetrics(tf.stack(losses, axis=1),
+                               None if metrics[0] is None else tf.stack(metrics, axis=1))
+        return tf.reduce_mean(losses[-1]), per_step

@@ -1,0 +1,72 @@
+"""Runs a ``keras.Model`` as a pure function of weight tensors, for many tasks at once.
+
+MAML needs the model evaluated at *fast weights*: tensors computed from the meta-weights
+inside the tape. ``set_weights`` or ``assign`` would cut the second-order path, so the
+model is always called functionally here.
+
+``FunctionalModel.apply(params, x)`` takes ``params`` with a leading task axis ``T``
+(one list entry per trainable variable, ``[T, *variable.shape]``) and ``x`` of shape
+``[T, N, ...]``, and returns ``[T, N, outputs]``.
+
+* A ``keras.Sequential`` built only from ``models.layers`` runs all T tasks together
+  (one batched matmul per layer): the fast path.
+* Any other ``keras.Model`` runs task by task through Keras 3 ``stateless_call``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from models import layers as L
+
+
+class FunctionalModel:
+    """A stateless view of a built ``keras.Model``."""
+
+    def __init__(self, model: keras.Model):
+        if not model.built:
+            raise ValueError("Build the model (call it once on an example batch) before "
+                             "wrapping it in FunctionalModel.")
+        self.model = model
+        self.batched = isinstance(model, keras.Sequential) and all(
+            isinstance(layer, L.TaskBatchedLayer) for layer in model.layers)
+        if self.batched:
+            self._layers = list(model.layers)
+            self.variables = [v for layer in self._layers for v in layer.trainable_variables]
+        else:
+            self.variables = list(model.trainable_variables)
+        self.non_trainable = list(model.non_trainable_variables)
+        if not self.variables:
+            raise ValueError("The model has no trainable variables to meta-learn.")
+
+    @property
+    def names(self) -> list[str]:
+        return [v.path for v in self.variables]
+
+    def meta_weights(self) -> list[tf.Tensor]:
+        return [v.value for v in self.variables]
+
+    def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool = True) -> tf.Tensor:
+        """params: ``[T, *shape]`` per variable; x: ``[T, N, ...]`` -> ``[T, N, out]``."""
+        if self.batched:
+            i = 0
+            for layer in self._layers:
+                n = len(layer.trainable_variables)
+                x = layer.batched_apply(list(params[i:i + n]), x, training)
+                i += n
+            return x
+        outs = []
+        for t in range(x.shape[0]):
+            y, _ = self.model.stateless_call([p[t] for p in params],
+                                             [v.value for v in self.non_trainable],
+                                             x[t], training=training)
+            outs.append(y)
+        return tf.stack(outs)
+
+
+def tile_for_tasks(weights: Sequence[tf.Tensor], num_tasks: int) -> list[tf.Tensor]:
+    """Meta-weights ``[*shape]`` -> per-task copies ``[T, *shape]`` (gradient sums over T)."""
+    return [tf.broadcast_to(w, [num_tasks] + w.shape.as_list()) for w in weights]

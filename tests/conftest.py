@@ -1,0 +1,2 @@
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

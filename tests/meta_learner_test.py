@@ -1,0 +1,160 @@
+"""Exactness of MAML's meta-gradient: finite differences, a closed form, and the traps."""
+
+import numpy as np
+import tensorflow as tf
+import keras
+from absl.testing import parameterized
+
+from data.episode import Episode
+from maml_tf import losses
+from maml_tf.meta_learner import MetaLearner
+from models import zoo
+from models.functional import FunctionalModel
+
+
+def _classification_episode(rng, tasks, n, image_shape, way, dtype="float64"):
+    def part():
+        x = rng.normal(size=(tasks, n) + tuple(image_shape)).astype(dtype)
+        y = rng.integers(0, way, size=(tasks, n)).astype("int32")
+        return tf.constant(x), tf.constant(y)
+    sx, sy = part()
+    qx, qy = part()
+    return Episode(sx, sy, qx, qy)
+
+
+def _regression_episode(rng, tasks, n, dim=1, dtype="float64"):
+    def part():
+        x = rng.uniform(-5, 5, size=(tasks, n, dim)).astype(dtype)
+        return tf.constant(x), tf.constant(np.sin(x).sum(-1, keepdims=True))
+    sx, sy = part()
+    qx, qy = part()
+    return Episode(sx, sy, qx, qy)
+
+
+def _meta_grad_and_fd(learner, episode, steps, directions=6, eps=1e-5, seed=0):
+    """Returns (g.v, finite-difference g.v) along random unit directions v."""
+    weights = [tf.constant(w) for w in learner.net.meta_weights()]
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        loss, _ = learner.meta_loss(weights, episode, steps)
+    grads = tape.gradient(loss, weights)
+    rng = np.random.default_rng(seed)
+    analytic, numeric = [], []
+    for _ in range(directions):
+        v = [rng.normal(size=w.shape) for w in weights]
+        norm = np.sqrt(sum((x ** 2).sum() for x in v))
+        v = [x / norm for x in v]
+        plus = [w + eps * d for w, d in zip(weights, v)]
+        minus = [w - eps * d for w, d in zip(weights, v)]
+        lp, _ = learner.meta_loss(plus, episode, steps)
+        lm, _ = learner.meta_loss(minus, episode, steps)
+        numeric.append((lp.numpy() - lm.numpy()) / (2 * eps))
+        analytic.append(sum(float(tf.reduce_sum(g * d)) for g, d in zip(grads, v)))
+    return np.array(analytic), np.array(numeric), grads
+
+
+def _max_rel_error(a, b):
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-8)))
+
+
+class MetaGradientTest(tf.test.TestCase, parameterized.TestCase):
+
+    def _mlp_learner(self, first_order=False, inner_lr=0.01):
+        model = zoo.mlp(1, [40, 40], 1, dtype="float64")
+        return MetaLearner(FunctionalModel(model), losses.mean_squared_error, None,
+                           inner_lr, first_order)
+
+    def _conv_learner(self, pool="stride"):
+        model = zoo.conv4((8, 8, 2), 3, filters=4, pool=pool, blocks=2, dtype="float64")
+        return MetaLearner(FunctionalModel(model), losses.cross_entropy, losses.accuracy, 0.4)
+
+    @parameterized.parameters(1, 3)
+    def test_mlp_meta_gradient_matches_finite_differences(self, steps):
+        learner = self._mlp_learner()
+        ep = _regression_episode(np.random.default_rng(1), tasks=3, n=10)
+        analytic, numeric, _ = _meta_grad_and_fd(learner, ep, steps)
+        self.assertLess(_max_rel_error(analytic, numeric), 1e-6)
+
+    @parameterized.parameters("stride", "max")
+    def test_conv_batchnorm_meta_gradient_matches_finite_differences(self, pool):
+        learner = self._conv_learner(pool)
+        ep = _classification_episode(np.random.default_rng(2), 2, 6, (8, 8, 2), 3)
+        analytic, numeric, _ = _meta_grad_and_fd(learner, ep, steps=2)
+        self.assertLess(_max_rel_error(analytic, numeric), 1e-6)
+
+    def test_keras_batchnorm_is_not_exact_but_generic_path_is(self):
+        """The generic stateless_call path is exact, and the test detects Keras' BN trap."""
+        def build(bn):
+            inp = keras.Input((5,), dtype="float64")
+            h = keras.layers.Dense(16, dtype="float64")(inp)
+            if bn:
+                h = keras.layers.BatchNormalization(dtype="float64")(h)
+            h = keras.layers.Activation("tanh", dtype="float64")(h)
+            return keras.Model(inp, keras.layers.Dense(3, dtype="float64")(h))
+        ep = _classification_episode(np.random.default_rng(3), 2, 8, (5,), 3)
+        errors = {}
+        for bn in (False, True):
+            net = FunctionalModel(build(bn))
+            self.assertFalse(net.batched)
+            learner = MetaLearner(net, losses.cross_entropy, losses.accuracy, 0.5)
+            a, n, _ = _meta_grad_and_fd(learner, ep, steps=2)
+            errors[bn] = _max_rel_error(a, n)
+        self.assertLess(errors[False], 1e-6)
+        self.assertGreater(errors[True], 1e-5)
+
+    def test_first_order_differs_exactly_by_the_hessian_term(self):
+        """Linear regression: second order = (I - a H_s) g_q, first order = g_q."""
+        rng = np.random.default_rng(4)
+        alpha, d, ns, nq = 0.05, 3, 7, 9
+        ep = _regression_episode(rng, tasks=1, n=ns, dim=d)
+        ep = ep._replace(query_x=tf.constant(rng.normal(size=(1, nq, d))),
+                         query_y=tf.constant(rng.normal(size=(1, nq, 1))))
+        results = {}
+        net = FunctionalModel(zoo.mlp(d, [], 1, dtype="float64"))
+        theta = np.concatenate([w.numpy().ravel() for w in net.meta_weights()])
+        for fo in (False, True):
+            learner = MetaLearner(net, losses.mean_squared_error, None, alpha, fo)
+            weights = [tf.constant(w) for w in net.meta_weights()]
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                loss, _ = learner.meta_loss(weights, ep, 1)
+            results[fo] = np.concatenate([g.numpy().ravel() for g in tape.gradient(loss, weights)])
+        phi = lambda x: np.concatenate([x[0], np.ones((x.shape[1], 1))], axis=1)
+        ps, pq = phi(ep.support_x.numpy()), phi(ep.query_x.numpy())
+        ys, yq = ep.support_y.numpy()[0], ep.query_y.numpy()[0]
+        hs = 2.0 / ns * ps.T @ ps
+        theta_c = theta[:, None]
+        adapted = theta_c - alpha * 2.0 / ns * ps.T @ (ps @ theta_c - ys)
+        gq = (2.0 / nq * pq.T @ (pq @ adapted - yq)).ravel()
+        self.assertAllClose(results[True], gq, rtol=1e-10, atol=1e-12)
+        self.assertAllClose(results[False], (np.eye(d + 1) - alpha * hs) @ gq,
+                            rtol=1e-10, atol=1e-12)
+        self.assertAllClose(results[False] - results[True], -alpha * hs @ gq,
+                            rtol=1e-9, atol=1e-12)
+
+    def test_inner_steps_lower_support_loss_and_gradient_reaches_every_weight(self):
+        learner = self._conv_learner()
+        ep = _classification_episode(np.random.default_rng(5), 2, 6, (8, 8, 2), 3)
+        weights = [tf.constant(w) for w in learner.net.meta_weights()]
+        traj = learner.adapt(weights, ep.support_x, ep.support_y, steps=3)
+        support = [float(tf.reduce_mean(learner.loss_fn(learner.net.apply(p, ep.support_x),
+                                                       ep.support_y))) for p in traj]
+        self.assertTrue(all(b < a for a, b in zip(support, support[1:])), support)
+        _, _, grads = _meta_grad_and_fd(learner, ep, steps=1, directions=0)
+        for name, g in zip(learner.net.names, grads):
+            self.assertGreater(float(tf.reduce_max(tf.abs(g))), 0.0, name)
+
+    def test_batched_path_equals_per_task_keras_call(self):
+        """The task-batched forward equals calling the Keras model on each task."""
+        model = zoo.conv4((28, 28, 1), 5, filters=8, pool="max", dtype="float64")
+        net = FunctionalModel(model)
+        self.assertTrue(net.batched)
+        x = tf.constant(np.random.default_rng(6).normal(size=(3, 4, 28, 28, 1)))
+        params = [tf.stack([w] * 3) for w in net.meta_weights()]
+        batched = net.apply(params, x)
+        for t in range(3):
+            self.assertAllClose(batched[t], model(x[t], training=True), rtol=1e-10)
+
+
+if __name__ == "__main__":
+    tf.test.main()
