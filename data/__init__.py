@@ -1,0 +1,94 @@
+"""Episode pipelines: ``get_episode_dataset(config, split, ...)`` -> ``tf.data`` of ``Episode``.
+
+Each element is one meta-batch of tasks for one input pipeline (one replica's share
+when distributed); see ``data.episode.Episode`` for shapes and ``data.tasks`` for how
+tasks are seeded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tensorflow as tf
+
+from data import few_shot, sinusoid
+from data.episode import Episode
+from data.errors import DataError
+from data.tasks import task_indices, task_seed
+
+
+@functools.lru_cache(maxsize=8)
+def _split_images(dataset: str, data_dir: str, source: str, split_name: str, split: str,
+                  rotations: str):
+    if dataset == "omniglot":
+        from data import omniglot
+        return omniglot.load_split(data_dir, source, split_name, split, rotations)
+    from data import mini_imagenet
+    return mini_imagenet.load_split(data_dir, split)
+
+
+def split_images(config, split: str):
+    """uint8 ``[C, D, H, W, ch]`` images of one split (cached per process)."""
+    rotations = config.train_rotations if split == "train" else config.eval_rotations
+    return _split_images(config.dataset, config.data_dir, config.data_source, config.split,
+                         split, rotations)
+
+
+def _task_fn(config, split: str, shot: int, stream: int):
+    if config.is_regression:
+        return lambda i: sinusoid.sample_task(stream, i, shot, config.queries)
+    array = split_images(config, split)
+    if array.shape[0] < config.way or array.shape[1] < shot + config.queries:
+        raise DataError(
+            f"The {split} split of {config.dataset} has {array.shape[0]} classes of "
+            f"{array.shape[1]} images, too few for --way={config.way} with {shot} shots + "
+            f"{config.queries} queries per class; lower --way, --shot or --query.")
+    images = tf.constant(array)
+    return lambda i: few_shot.sample_task(images, stream, i, config.way, shot, config.queries)
+
+
+def _to_episodes(indices: tf.data.Dataset, task_fn, batch: int) -> tf.data.Dataset:
+    ds = indices.map(task_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch, drop_remainder=True)
+    return ds.map(lambda *t: Episode(*t)).prefetch(tf.data.AUTOTUNE)
+
+
+def train_dataset(config, input_context: tf.distribute.InputContext | None = None,
+                  first_step: int = 0) -> tf.data.Dataset:
+    """Endless training episodes from iteration ``first_step`` on.
+
+    The per-pipeline task count comes from the input context, so the global meta-batch
+    is split evenly across replicas.
+    """
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    local = (input_context.get_per_replica_batch_size(config.meta_batch_size)
+             if input_context else config.meta_batch_size)
+    # A pipeline serves consecutive replicas: its share of each iteration's tasks is
+    # cut into per-replica batches in order.
+    per_pipeline = config.meta_batch_size // pipelines
+    indices = task_indices(first_step, config.meta_batch_size, per_pipeline, pipeline_id)
+    stream = task_seed(config.seed, "train")
+    return _to_episodes(indices, _task_fn(config, "train", config.shot, stream), local)
+
+
+def eval_batch_size(num_tasks: int, preferred: int, multiple_of: int = 1) -> int:
+    """Largest divisor of ``num_tasks`` not above ``preferred`` that ``multiple_of`` (the
+    replica count) divides: every batch is full, so the compiled step keeps one shape and
+    no task is dropped or repeated."""
+    sizes = [b for b in range(multiple_of, max(preferred, multiple_of) + 1, multiple_of)
+             if num_tasks % b == 0]
+    if not sizes:
+        raise ValueError(f"{num_tasks} evaluation tasks cannot be split evenly over "
+                         f"{multiple_of} replicas; use a multiple of {multiple_of}.")
+    return sizes[-1]
+
+
+def eval_dataset(config, split: str, num_tasks: int, shot: int | None = None,
+                 batch: int | None = None) -> tf.data.Dataset:
+    """The fixed evaluation tasks ``0 .. num_tasks-1`` of a split, seeded by ``eval_seed``."""
+    shot = shot or config.shot
+    batch = batch or eval_batch_size(num_tasks, config.meta_batch_size)
+    stream = task_seed(config.eval_seed, split, f"shot{shot}")
+    indices = tf.data.Dataset.range(num_tasks)
+    return _to_episodes(indices, _task_fn(config, split, shot, stream), batch)

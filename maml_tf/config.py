@@ -1,0 +1,205 @@
+"""The run's typed configuration: built once from flags (or by hand), validated, frozen.
+
+Every error names the flag, the value and what is allowed, so a typo in a flagfile stops
+the run before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+DATASETS = ("sinusoid", "omniglot", "mini_imagenet")
+ALGORITHMS = ("maml", "fomaml", "pretrain")
+MODELS = ("auto", "mlp", "conv4")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+SPLITS = ("cbfinn", "vinyals", "lake")
+SOURCES = ("auto", "npz", "official", "tfds")
+POOLS = ("auto", "stride", "max")
+ROTATIONS = ("augment", "none")
+ON_NAN = ("fail", "skip")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot run; the message says which flag and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a run. Field names are the absl flag names."""
+    dataset: str = "sinusoid"
+    data_dir: str = ""
+    data_source: str = "auto"
+    split: str = "cbfinn"
+    train_rotations: str = "augment"
+    eval_rotations: str = "augment"
+    model: str = "auto"
+    num_filters: int = 0
+    conv_pool: str = "auto"
+    algorithm: str = "maml"
+    way: int = 5
+    shot: int = 1
+    query: int = 0
+    eval_shots: tuple[int, ...] = ()
+    inner_steps: int = 1
+    eval_inner_steps: int = 0
+    inner_lr: float = 0.01
+    meta_lr: float = 1e-3
+    meta_batch_size: int = 25
+    grad_clip: float = 0.0
+    num_iterations: int = 70000
+    eval_tasks: int = 600
+    val_tasks: int = 100
+    eval_seed: int = 1234
+    seed: int = 0
+    strategy: str = "default"
+    tpu: str = ""
+    jit_compile: bool = True
+    log_every: int = 100
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    on_nan: str = "fail"
+
+    # -- derived values -----------------------------------------------------------------
+    @property
+    def is_regression(self) -> bool:
+        return self.dataset == "sinusoid"
+
+    @property
+    def first_order(self) -> bool:
+        return self.algorithm == "fomaml"
+
+    @property
+    def queries(self) -> int:
+        """Query examples per class (classification) or points per task (sinusoid)."""
+        if self.query:
+            return self.query
+        return 10 if self.is_regression else self.shot
+
+    @property
+    def test_inner_steps(self) -> int:
+        return self.eval_inner_steps or self.inner_steps
+
+    @property
+    def test_shots(self) -> tuple[int, ...]:
+        return self.eval_shots or (self.shot,)
+
+    @property
+    def model_name(self) -> str:
+        if self.model != "auto":
+            return self.model
+        return "mlp" if self.is_regression else "conv4"
+
+    @property
+    def filters(self) -> int:
+        return self.num_filters or (32 if self.dataset == "mini_imagenet" else 64)
+
+    @property
+    def pool(self) -> str:
+        if self.conv_pool != "auto":
+            return self.conv_pool
+        return "max" if self.dataset == "mini_imagenet" else "stride"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (84, 84, 3) if self.dataset == "mini_imagenet" else (28, 28, 1)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"Unknown config keys {unknown}; known keys: {sorted(names)}.")
+        values = dict(values)
+        if "eval_shots" in values and values["eval_shots"] is not None:
+            values["eval_shots"] = tuple(int(s) for s in values["eval_shots"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eval_shots"] = list(self.eval_shots)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_flagfile(self) -> str:
+        """Flag lines that rebuild exactly this config."""
+        lines = []
+        for key, value in sorted(self.to_dict().items()):
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            lines.append(f"--{key}={value}")
+        return "\n".join(lines) + "\n"
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        _choice("model", self.model, MODELS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("split", self.split, SPLITS)
+        _choice("data_source", self.data_source, SOURCES)
+        _choice("conv_pool", self.conv_pool, POOLS)
+        _choice("train_rotations", self.train_rotations, ROTATIONS)
+        _choice("eval_rotations", self.eval_rotations, ROTATIONS)
+        _choice("on_nan", self.on_nan, ON_NAN)
+        if not self.is_regression:
+            _at_least("way", self.way, 2)
+        _at_least("shot", self.shot, 1)
+        _at_least("query", self.query, 0, "(0 picks the default: shot per class, 10 for sinusoid)")
+        for s in self.eval_shots:
+            _at_least("eval_shots", s, 1)
+        _at_least("inner_steps", self.inner_steps, 0)
+        _at_least("eval_inner_steps", self.eval_inner_steps, 0, "(0 means inner_steps)")
+        _positive("inner_lr", self.inner_lr, allow_zero=True)
+        _positive("meta_lr", self.meta_lr)
+        _positive("grad_clip", self.grad_clip, allow_zero=True)
+        _at_least("meta_batch_size", self.meta_batch_size, 1)
+        _at_least("num_iterations", self.num_iterations, 0)
+        _at_least("eval_tasks", self.eval_tasks, 1)
+        _at_least("val_tasks", self.val_tasks, 1)
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("num_filters", self.num_filters, 0, "(0 picks 64 for Omniglot, 32 for mini-ImageNet)")
+        self._validate_combinations()
+
+    def _validate_combinations(self) -> None:
+        if self.is_regression and self.model_name == "conv4":
+            raise ConfigError("--model=conv4 is an image model but --dataset=sinusoid is 1-D "
+                              "regression: use --model=mlp (or auto) with sinusoid.")
+        if self.is_regression and self.conv_pool != "auto":
+            raise ConfigError(f"--conv_pool={self.conv_pool} only applies to --model=conv4 on "
+                              "image data sets; drop it for --dataset=sinusoid.")
+        if self.dataset == "mini_imagenet" and self.model_name == "mlp":
+            raise ConfigError("--model=mlp is defined for sinusoid and Omniglot (the paper's "
+                              "non-conv baseline); use --model=conv4 for mini_imagenet.")
+        if self.dataset == "omniglot" and self.split == "lake" and self.way > 659:
+            raise ConfigError(f"--way={self.way} exceeds the 659 test characters of the lake split.")
+        if self.strategy == "tpu" and self.jit_compile is False:
+            raise ConfigError("--strategy=tpu always compiles with XLA; drop --nojit_compile.")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{name}={value!r} is not allowed; choose one of {', '.join(allowed)}.")
+
+
+def _at_least(name: str, value: int, low: int, note: str = "") -> None:
+    if not isinstance(value, int) or value < low:
+        raise ConfigError(f"--{name}={value!r} is invalid: it must be an integer >= {low} {note}".rstrip() + ".")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+        value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"--{name}={value!r} is invalid: it must be a finite number {bound}.")

@@ -1,0 +1,75 @@
+"""Every absl flag of the entry points, grouped. Names are the public interface.
+
+Defaults come from ``Config`` so that one place holds them. No logic lives here besides
+``config_from_flags``, which copies flag values into a ``Config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from maml_tf import config as C
+
+_D = C.Config()
+
+# -- run --------------------------------------------------------------------------------
+flags.DEFINE_string("workdir", None, "Directory that identifies the run: checkpoints, "
+                    "TensorBoard events, flags.cfg and results.json are written here.")
+flags.DEFINE_bool("overwrite", False, "Allow reusing a workdir that holds a run with "
+                  "different flags; its checkpoints are moved aside, never deleted.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of the initial weights and of the training tasks.")
+flags.DEFINE_enum("strategy", _D.strategy, C.STRATEGIES, "tf.distribute strategy.")
+flags.DEFINE_string("tpu", _D.tpu, "TPU name or grpc:// address for --strategy=tpu.")
+flags.DEFINE_bool("jit_compile", _D.jit_compile, "Compile the meta-step with XLA.")
+flags.DEFINE_enum("on_nan", _D.on_nan, C.ON_NAN, "On a non-finite meta-loss or "
+                  "meta-gradient: 'fail' stops naming the step window, 'skip' skips the update.")
+
+# -- data -------------------------------------------------------------------------------
+flags.DEFINE_enum("dataset", _D.dataset, C.DATASETS, "Meta-learning problem.")
+flags.DEFINE_string("data_dir", _D.data_dir, "Where Omniglot or mini-ImageNet lie; empty "
+                    "reads $MAML_TF_DATA_DIR, then the TFDS data directory.")
+flags.DEFINE_enum("data_source", _D.data_source, C.SOURCES, "Omniglot source: 'auto' tries "
+                  "npz arrays, then the official zips/folders in --data_dir, then TFDS.")
+flags.DEFINE_enum("split", _D.split, C.SPLITS, "Omniglot class split (see data/omniglot.py).")
+flags.DEFINE_enum("train_rotations", _D.train_rotations, C.ROTATIONS, "Omniglot training "
+                  "classes: 'augment' makes each k*90 degree rotation a new class (4x).")
+flags.DEFINE_enum("eval_rotations", _D.eval_rotations, C.ROTATIONS, "The same policy for "
+                  "validation and test classes (cbfinn/maml rotates them too).")
+flags.DEFINE_integer("way", _D.way, "Classes per task (N).")
+flags.DEFINE_integer("shot", _D.shot, "Support examples per class (K), or support points "
+                     "per sinusoid task.")
+flags.DEFINE_integer("query", _D.query, "Query examples per class (0: same as shot), or "
+                     "query points per sinusoid task (0: 10).")
+flags.DEFINE_list("eval_shots", list(_D.eval_shots), "Shots to evaluate at (default: --shot).")
+
+# -- model and algorithm -----------------------------------------------------------------
+flags.DEFINE_enum("model", _D.model, C.MODELS, "Network: 'auto' is the paper's choice for "
+                  "the data set (MLP 40-40 for sinusoid, Conv-4 for images).")
+flags.DEFINE_integer("num_filters", _D.num_filters, "Conv-4 filters (0: 64 Omniglot, 32 mini-ImageNet).")
+flags.DEFINE_enum("conv_pool", _D.conv_pool, C.POOLS, "Conv-4 downsampling: stride-2 convs "
+                  "or 2x2 max-pool ('auto': stride for Omniglot, max for mini-ImageNet).")
+flags.DEFINE_enum("algorithm", _D.algorithm, C.ALGORITHMS, "Meta-learning algorithm.")
+flags.DEFINE_integer("inner_steps", _D.inner_steps, "Inner SGD steps in meta-training.")
+flags.DEFINE_integer("eval_inner_steps", _D.eval_inner_steps, "Inner steps at evaluation (0: inner_steps).")
+flags.DEFINE_float("inner_lr", _D.inner_lr, "Inner-loop SGD step size (alpha).")
+flags.DEFINE_float("meta_lr", _D.meta_lr, "Adam learning rate of the outer loop (beta).")
+flags.DEFINE_integer("meta_batch_size", _D.meta_batch_size, "Tasks per meta-update (global, "
+                     "over all replicas).")
+flags.DEFINE_float("grad_clip", _D.grad_clip, "Clip the meta-gradient to this global norm (0: off).")
+
+# -- schedule and evaluation ---------------------------------------------------------------
+flags.DEFINE_integer("num_iterations", _D.num_iterations, "Meta-training iterations.")
+flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Fixed, seeded test tasks for the final evaluation.")
+flags.DEFINE_integer("val_tasks", _D.val_tasks, "Fixed validation tasks for the learning curve.")
+flags.DEFINE_integer("eval_seed", _D.eval_seed, "Seed of the fixed validation and test tasks.")
+flags.DEFINE_integer("log_every", _D.log_every, "Iterations between console/TensorBoard logs.")
+flags.DEFINE_integer("eval_every", _D.eval_every, "Iterations between validation evaluations.")
+flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Iterations between checkpoints.")
+
+
+def config_from_flags(values: flags.FlagValues) -> C.Config:
+    """Copies the flags named like ``Config`` fields into a validated ``Config``."""
+    fields = {f.name for f in dataclasses.fields(C.Config)}
+    return C.Config.from_dict({name: values[name].value for name in fields})

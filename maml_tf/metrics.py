@@ -1,0 +1,72 @@
+"""Training metrics: Keras ``Mean`` accumulators -> console line + ``tf.summary``, then reset."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+
+class TrainMetrics:
+    """Accumulates the outputs of the train step over one logging window."""
+
+    def __init__(self, inner_steps: int, regression: bool):
+        self.names = ["meta_loss", "grad_norm", "nonfinite"]
+        for k in range(inner_steps + 1):
+            self.names.append(f"query_loss/step_{k}")
+            if not regression:
+                self.names.append(f"query_accuracy/step_{k}")
+        self.means = {n: keras.metrics.Mean(name=n) for n in self.names}
+        self.nonfinite_steps = 0
+        self.window_start = time.time()
+
+    def update(self, out: dict) -> None:
+        self.means["meta_loss"].update_state(out["loss"])
+        self.means["grad_norm"].update_state(out["grad_norm"])
+        self.means["nonfinite"].update_state(out["nonfinite"])
+        for k, v in enumerate(tf.unstack(out["step_loss"])):
+            self.means[f"query_loss/step_{k}"].update_state(v)
+        if "step_accuracy" in out:
+            for k, v in enumerate(tf.unstack(out["step_accuracy"])):
+                self.means[f"query_accuracy/step_{k}"].update_state(v)
+
+    def write(self, step: int, steps_in_window: int, tasks_per_step: int, total_steps: int,
+              lr: float) -> dict[str, float]:
+        """Writes the window's means (the default summary writer must be set), resets."""
+        values = {n: float(m.result()) for n, m in self.means.items()}
+        elapsed = max(time.time() - self.window_start, 1e-9)
+        values["tasks_per_sec"] = steps_in_window * tasks_per_step / elapsed
+        values["learning_rate"] = lr
+        for name, v in values.items():
+            tf.summary.scalar(name, v, step=step)
+        eta = (total_steps - step) * elapsed / max(steps_in_window, 1)
+        last = [n for n in self.names if n.startswith("query_")]
+        shown = " ".join(f"{n.split('/')[0][6:]}{n[-1]}={values[n]:.4f}" for n in last)
+        logging.info("step %d/%d  meta_loss=%.4f  %s  %.0f tasks/s  eta %s", step, total_steps,
+                     values["meta_loss"], shown, values["tasks_per_sec"], _hms(eta))
+        for m in self.means.values():
+            m.reset_state()
+        self.window_start = time.time()
+        return values
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def write_eval(prefix: str, result: dict, step: int) -> None:
+    """Per-step evaluation metrics and their CIs as scalars under ``prefix``."""
+    for metric in ("loss", "accuracy"):
+        if metric not in result:
+            continue
+        for k, (mean, ci) in enumerate(zip(result[metric]["mean"], result[metric]["ci95"])):
+            tf.summary.scalar(f"{prefix}/{metric}/step_{k}", mean, step=step)
+            tf.summary.scalar(f"{prefix}/{metric}_ci95/step_{k}", ci, step=step)
+
+
+def finite(x) -> bool:
+    return bool(np.all(np.isfinite(x)))

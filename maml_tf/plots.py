@@ -1,0 +1,57 @@
+"""Figures for TensorBoard and runs/: sinusoid fits, learning curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from data import sinusoid  # noqa: E402
+from data.tasks import task_seed  # noqa: E402
+
+
+def sinusoid_fit_image(learner, config, shot: int, steps=(0, 1, 10)) -> tf.Tensor:
+    """uint8 ``[1, H, W, 4]``: a fixed test task's true curve, its K support points and the
+    model's fit after each of ``steps`` inner steps."""
+    stream = task_seed(config.eval_seed, "test", f"shot{shot}")
+    sx, sy, _, _ = sinusoid.sample_task(stream, tf.constant(0, tf.int64), shot, 1)
+    amp, phase = sinusoid.task_params(stream, tf.constant(0, tf.int64))
+    grid = np.linspace(-5, 5, 200, dtype=np.float32)[None, :, None]
+    weights = learner.net.meta_weights()
+    traj = learner.adapt(weights, sx[None], sy[None], max(steps), first_order=True)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+    ax.plot(grid[0, :, 0], amp * np.sin(grid[0, :, 0] - phase), "k-", label="true")
+    ax.plot(sx[:, 0], sy[:, 0], "k^", label=f"{shot} support points")
+    for k in steps:
+        pred = learner.net.apply(traj[k], tf.constant(grid))
+        ax.plot(grid[0, :, 0], pred[0, :, 0], "--", label=f"after {k} steps")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"sinusoid, {shot}-shot, test task 0")
+    return _figure_to_image(fig)
+
+
+def learning_curve(steps, means, cis, title: str, ylabel: str, path: str) -> None:
+    """Writes a PNG of ``means`` +- ``cis`` against ``steps``."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    means, cis = np.asarray(means), np.asarray(cis)
+    ax.plot(steps, means, "b-")
+    ax.fill_between(steps, means - cis, means + cis, alpha=0.3)
+    ax.set_xlabel("meta-training iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _figure_to_image(fig) -> tf.Tensor:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return tf.image.decode_png(buf.getvalue(), channels=4)[None]

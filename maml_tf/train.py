@@ -1,0 +1,32 @@
+"""Meta-training entry point; intentionally kept short.
+
+    python -m maml_tf.train --flagfile=runs/sinusoid.cfg --workdir=$HOME/maml_runs/sinusoid
+
+Turns flags into a ``Config`` and calls ``train_loop.run``. Re-running the same command
+resumes from the workdir's latest checkpoint.
+"""
+
+from absl import app, flags, logging
+
+from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
+from maml_tf import train_loop
+from maml_tf.config import ConfigError
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required: the directory that holds this run.")
+    try:
+        config = maml_flags.config_from_flags(FLAGS)
+        train_loop.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    except ConfigError as e:
+        logging.error("%s", e)
+        raise SystemExit(f"Configuration error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,246 @@
+"""``run(config, workdir)``: meta-training with validation, checkpoints and summaries,
+then the final evaluation. Reads top to bottom:
+
+  1. set-up: strategy, workdir, everything created under ``strategy.scope()``
+  2. restore-or-init from the workdir's latest checkpoint
+  3. data: the distributed episode pipeline, resumed at the restored iteration
+  4. the compiled meta-step
+  5. the loop: step, then log / validate / checkpoint as ``Schedule`` says
+  6. final evaluation -> results.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+import data as data_lib
+from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_lib, plots
+from maml_tf.config import Config
+from maml_tf.learners import build_learner, train_inner_steps
+from models import get_model
+
+
+class NonFiniteError(FloatingPointError):
+    """The meta-loss or meta-gradient became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Decides, after iteration ``step`` (1-based), what to do."""
+    config: Config
+
+    def _every(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.config.num_iterations
+
+    def log(self, step: int) -> bool:
+        return self._every(step, self.config.log_every)
+
+    def validate(self, step: int) -> bool:
+        return self._every(step, self.config.eval_every)
+
+    def checkpoint(self, step: int) -> bool:
+        return self._every(step, self.config.checkpoint_every)
+
+
+@dataclasses.dataclass
+class Run:
+    """The objects of one run, all created under the strategy's scope."""
+    config: Config
+    workdir: str
+    strategy: tf.distribute.Strategy
+    model: keras.Model
+    learner: object
+    optimizer: keras.optimizers.Optimizer
+    step: tf.Variable
+    manager: tf.train.CheckpointManager
+
+
+def build(config: Config, workdir: str, overwrite: bool = False) -> Run:
+    """Set-up: strategy, workdir, model, optimizer, checkpoint (section 1)."""
+    strategy = distribute.make_strategy(config)
+    checkpointing.prepare_workdir(workdir, config, overwrite)
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = get_model(config)
+        learner = build_learner(config, model)
+        optimizer = keras.optimizers.Adam(config.meta_lr)
+        optimizer.build(learner.net.variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=3)
+    return Run(config, workdir, strategy, model, learner, optimizer, step, manager)
+
+
+def make_train_step(run: Run):
+    """The meta-step: per-replica meta-gradients (XLA), all-reduced, checked, applied."""
+    config, strategy, learner = run.config, run.strategy, run.learner
+    variables = learner.net.variables
+    steps = train_inner_steps(config)
+    replicas = strategy.num_replicas_in_sync
+
+    @tf.function(jit_compile=config.jit_compile)
+    def replica_fn(episode):
+        with tf.GradientTape() as tape:
+            loss, per_step = learner.meta_loss(learner.net.meta_weights(), episode, steps)
+            # Each replica averages over its 1/R share of the meta-batch; dividing by R
+            # makes the SUM all-reduce below the mean over all tasks of the global batch.
+            scaled = loss / replicas
+        grads = tape.gradient(scaled, learner.net.meta_weights(),
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        acc = per_step.accuracy if per_step.accuracy is not None else per_step.loss
+        return loss, grads, tf.reduce_mean(per_step.loss, 0), tf.reduce_mean(acc, 0)
+
+    def apply(grads):
+        run.optimizer.apply(grads, variables)
+        return tf.constant(True)
+
+    @tf.function
+    def train_step(episode):
+        loss, grads, step_loss, step_acc = strategy.run(replica_fn, args=(episode,))
+        reduce = lambda op, v: strategy.reduce(op, v, axis=None)
+        grads = reduce(tf.distribute.ReduceOp.SUM, grads)
+        loss = reduce(tf.distribute.ReduceOp.MEAN, loss)
+        grad_norm = tf.linalg.global_norm(grads)
+        ok = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
+        if config.grad_clip > 0:
+            grads, _ = tf.clip_by_global_norm(grads, config.grad_clip, use_norm=grad_norm)
+        # A non-finite update is never applied, so the weights (and every checkpoint) stay
+        # finite; the host then fails or skips as --on_nan says.
+        tf.cond(ok, lambda: apply(grads), lambda: tf.constant(False))
+        run.step.assign_add(1)
+        out = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - tf.cast(ok, tf.float32),
+               "step_loss": reduce(tf.distribute.ReduceOp.MEAN, step_loss)}
+        if not config.is_regression:
+            out["step_accuracy"] = reduce(tf.distribute.ReduceOp.MEAN, step_acc)
+        return out
+
+    return train_step
+
+
+def _eval_dataset(run: Run, split: str, num_tasks: int, shot: int):
+    batch = data_lib.eval_batch_size(num_tasks, run.config.meta_batch_size,
+                                     run.strategy.num_replicas_in_sync)
+    ds = data_lib.eval_dataset(run.config, split, num_tasks, shot, batch=batch)
+    return run.strategy.experimental_distribute_dataset(ds)
+
+
+def evaluate_split(run: Run, split: str, num_tasks: int, eval_step) -> dict:
+    """Evaluation of the current meta-weights on fixed tasks of ``split``, per test shot."""
+    out = {}
+    for shot in run.config.test_shots:
+        ds = _eval_dataset(run, split, num_tasks, shot)
+        out[f"{shot}shot"] = evaluation.evaluate(eval_step, ds, num_tasks, run.config.is_regression)
+    return out
+
+
+def _check_window(window: dict, step: int, config: Config) -> None:
+    if window["nonfinite"] > 0 and config.on_nan == "fail":
+        first = step - config.log_every + 1 if step % config.log_every == 0 else \
+            step - step % config.log_every + 1
+        raise NonFiniteError(
+            f"Non-finite meta-loss or meta-gradient between iterations {max(first, 1)} and "
+            f"{step}: the update was not applied and no checkpoint of it was written. Lower "
+            "--inner_lr or --meta_lr, set --grad_clip, or pass --on_nan=skip to skip such "
+            "updates.")
+
+
+def _validate(run: Run, eval_step, step: int, history: list) -> None:
+    result = evaluate_split(run, "val", run.config.val_tasks, eval_step)
+    for shot_key, r in result.items():
+        metrics_lib.write_eval(f"val_{shot_key}", r, step)
+    first = result[f"{run.config.test_shots[0]}shot"]
+    key = "loss" if run.config.is_regression else "accuracy"
+    history.append({"step": step, key: first[key]["mean"][-1], f"{key}_ci95": first[key]["ci95"][-1]})
+    logging.info("validation at %d: %s after %d steps = %.4f +- %.4f", step, key,
+                 run.config.test_inner_steps, history[-1][key], history[-1][f"{key}_ci95"])
+    if run.config.is_regression:
+        tf.summary.image("sinusoid_fit", plots.sinusoid_fit_image(
+            run.learner, run.config, run.config.test_shots[0]), step=step)
+
+
+def run(config: Config, workdir: str, overwrite: bool = False) -> dict:
+    """Meta-trains (or resumes) the run in ``workdir`` and returns its results."""
+    # -- 1. Set-up --------------------------------------------------------------------
+    r = build(config, workdir, overwrite)
+    # -- 2. Restore-or-init -------------------------------------------------------------
+    restored = checkpointing.restore_or_init(r.manager)
+    start = int(r.step.numpy())
+    logging.info("%s at iteration %d of %d in %s", "Resuming" if restored else "Starting",
+                 start, config.num_iterations, workdir)
+    # -- 3. Data --------------------------------------------------------------------------
+    dataset = r.strategy.distribute_datasets_from_function(
+        lambda ctx: data_lib.train_dataset(config, ctx, first_step=start))
+    batches = iter(dataset)
+    # -- 4. Compiled steps ----------------------------------------------------------------
+    train_step = make_train_step(r)
+    eval_step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
+                                          config.jit_compile)
+    # -- 5. Loop --------------------------------------------------------------------------
+    history = _load_history(workdir)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
+    schedule = Schedule(config)
+    window = metrics_lib.TrainMetrics(train_inner_steps(config), config.is_regression)
+    last_log, t0 = start, time.time()
+    with writer.as_default():
+        for step in range(start + 1, config.num_iterations + 1):
+            window.update(train_step(next(batches)))
+            if schedule.log(step):
+                values = window.write(step, step - last_log, config.meta_batch_size,
+                                      config.num_iterations, config.meta_lr)
+                last_log = step
+                _check_window(values, step, config)
+            if schedule.validate(step):
+                _validate(r, eval_step, step, history)
+                checkpointing.atomic_write_json(os.path.join(workdir, "history.json"), history)
+            if schedule.checkpoint(step):
+                r.manager.save(checkpoint_number=step)
+    train_seconds = time.time() - t0
+    # -- 6. Final evaluation --------------------------------------------------------------
+    return final_evaluation(r, eval_step, train_seconds, start)
+
+
+def _load_history(workdir: str) -> list:
+    import json
+    path = os.path.join(workdir, "history.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return []
+
+
+def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int = 0) -> dict:
+    """Evaluates on the fixed test tasks and writes ``results.json`` atomically."""
+    config = r.config
+    t0 = time.time()
+    test = evaluate_split(r, "test", config.eval_tasks, eval_step)
+    with tf.summary.create_file_writer(os.path.join(r.workdir, "eval")).as_default():
+        for shot_key, res in test.items():
+            metrics_lib.write_eval(f"test_{shot_key}", res, int(r.step.numpy()))
+    results = {
+        "protocol": {
+            "dataset": config.dataset, "split": config.split if not config.is_regression else None,
+            "algorithm": config.algorithm, "way": None if config.is_regression else config.way,
+            "shots": list(config.test_shots), "queries": config.queries,
+            "inner_steps": config.test_inner_steps, "num_tasks": config.eval_tasks,
+            "eval_seed": config.eval_seed, "checkpoint_step": int(r.step.numpy()),
+            "ci": "1.96 * std / sqrt(num_tasks)",
+            "replicas": r.strategy.num_replicas_in_sync,
+        },
+        "test": test,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "iterations_this_session": int(r.step.numpy()) - start,
+        "eval_seconds": round(time.time() - t0, 1),
+    }
+    checkpointing.atomic_write_json(os.path.join(r.workdir, "results.json"), results)
+    for shot_key, res in test.items():
+        key = "loss" if config.is_regression else "accuracy"
+        logging.info("test %s %s after 0..%d steps: %s", shot_key, key, config.test_inner_steps,
+                     " ".join(f"{m:.4f}+-{c:.4f}" for m, c in zip(res[key]["mean"], res[key]["ci95"])))
+    return results

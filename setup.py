@@ -1,0 +1,31 @@
+"""maml_tf: gradient-based meta-learning (MAML and friends) in TensorFlow 2 / Keras 3."""
+
+from setuptools import setup
+
+LINUX_X86 = "platform_system == 'Linux' and platform_machine == 'x86_64'"
+
+setup(
+    name="maml_tf",
+    version="0.1.0",
+    description="Exact second-order MAML and meta-learners in TensorFlow 2 / Keras 3",
+    packages=["maml_tf", "models", "data"],
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10",
+        # TF 2.21 no longer installs TensorBoard, and tf.summary fails without it.
+        "tensorboard>=2.21",
+        "tensorflow-datasets>=4.9",
+        # TFDS 4.9.10 cannot prepare a data set without it.
+        "importlib_resources",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "pillow>=10",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "cpu": [f"tensorflow-cpu~=2.21.0; {LINUX_X86}", f"tensorflow~=2.21.0; not ({LINUX_X86})"],
+        "gpu": ["tensorflow[and-cuda]~=2.21.0"],
+        "tpu": ["tensorflow-tpu~=2.21.0"],
+        "test": ["pytest>=8"],
+    },
+)
