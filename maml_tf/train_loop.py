@@ -140,15 +140,14 @@ def evaluate_split(run: Run, split: str, num_tasks: int, eval_step) -> dict:
     return out
 
 
-def _check_window(window: dict, step: int, config: Config) -> None:
-    if window["nonfinite"] > 0 and config.on_nan == "fail":
-        first = step - config.log_every + 1 if step % config.log_every == 0 else \
-            step - step % config.log_every + 1
+def _check_finite(out: dict, step: int, last_log: int, config: Config) -> None:
+    """Fails fast on a non-finite step (whose update was not applied) under --on_nan=fail."""
+    if config.on_nan == "fail" and float(out["nonfinite"]) > 0:
         raise NonFiniteError(
-            f"Non-finite meta-loss or meta-gradient between iterations {max(first, 1)} and "
-            f"{step}: the update was not applied and no checkpoint of it was written. Lower "
-            "--inner_lr or --meta_lr, set --grad_clip, or pass --on_nan=skip to skip such "
-            "updates.")
+            f"Non-finite meta-loss or meta-gradient at iteration {step} (logging window "
+            f"{last_log + 1}..{step}, meta-loss {float(out['loss'])}): the update was not "
+            "applied and no checkpoint of it was written. Lower --inner_lr or --meta_lr, set "
+            "--grad_clip, or pass --on_nan=skip to skip such updates.")
 
 
 def _validate(run: Run, eval_step, step: int, history: list) -> None:
@@ -190,12 +189,13 @@ def run(config: Config, workdir: str, overwrite: bool = False) -> dict:
     last_log, t0 = start, time.time()
     with writer.as_default():
         for step in range(start + 1, config.num_iterations + 1):
-            window.update(train_step(next(batches)))
+            out = train_step(next(batches))
+            _check_finite(out, step, last_log, config)
+            window.update(out)
             if schedule.log(step):
-                values = window.write(step, step - last_log, config.meta_batch_size,
-                                      config.num_iterations, config.meta_lr)
+                window.write(step, step - last_log, config.meta_batch_size,
+                             config.num_iterations, config.meta_lr)
                 last_log = step
-                _check_window(values, step, config)
             if schedule.validate(step):
                 _validate(r, eval_step, step, history)
                 checkpointing.atomic_write_json(os.path.join(workdir, "history.json"), history)

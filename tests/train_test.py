@@ -1,0 +1,124 @@
+"""The training loop end to end: artifacts, resume, workdir identity, NaN, flagfiles."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from maml_tf import flags as maml_flags
+from maml_tf import train_loop
+from maml_tf.config import Config, ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = {"num_iterations": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
+         "eval_tasks": 10, "val_tasks": 4, "meta_batch_size": 2, "eval_shots": [3, 5],
+         "eval_inner_steps": 2}
+
+
+def smoke(**kw) -> Config:
+    return Config.from_dict({**SMOKE, **kw})
+
+
+def weights_of(workdir):
+    config = Config.from_dict(json.load(open(os.path.join(workdir, "config.json"))))
+    r = train_loop.build(config, workdir)
+    train_loop.checkpointing.restore_or_init(r.manager)
+    return [v.numpy() for v in r.learner.net.variables], int(r.step.numpy())
+
+
+def test_sinusoid_run_writes_events_checkpoints_flags_and_results(tmp_path):
+    workdir = str(tmp_path / "run")
+    results = train_loop.run(smoke(), workdir)
+    assert glob.glob(os.path.join(workdir, "train", "events.out.tfevents*"))
+    assert glob.glob(os.path.join(workdir, "eval", "events.out.tfevents*"))
+    assert os.path.exists(os.path.join(workdir, "checkpoints", "ckpt-4.index"))
+    saved = json.load(open(os.path.join(workdir, "results.json")))
+    assert saved["protocol"]["num_tasks"] == 10 and saved["protocol"]["checkpoint_step"] == 4
+    assert set(saved["test"]) == {"3shot", "5shot"}
+    assert len(saved["test"]["5shot"]["loss"]["mean"]) == 3   # 0, 1, 2 inner steps
+    assert results["test"]["3shot"]["loss"]["ci95"][0] > 0
+    # flags.cfg re-creates the same experiment.
+    values = flags.FLAGS
+    values(["prog", f"--flagfile={os.path.join(workdir, 'flags.cfg')}"])
+    try:
+        assert maml_flags.config_from_flags(values) == smoke()
+        assert values.workdir == workdir
+    finally:
+        values.unparse_flags()
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run_bitwise(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_loop.run(smoke(num_iterations=6), straight)
+    train_loop.run(smoke(num_iterations=4), resumed)
+    train_loop.run(smoke(num_iterations=6), resumed)   # resumes at 4
+    (w1, s1), (w2, s2) = weights_of(straight), weights_of(resumed)
+    assert s1 == s2 == 6
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_workdir_with_different_flags_is_refused_unless_overwrite(tmp_path):
+    workdir = str(tmp_path / "run")
+    train_loop.run(smoke(num_iterations=2), workdir)
+    with pytest.raises(ConfigError, match=r"different flags \(inner_lr: 0.01 -> 0.02\)"):
+        train_loop.run(smoke(num_iterations=2, inner_lr=0.02), workdir)
+    train_loop.run(smoke(num_iterations=2, inner_lr=0.02), workdir, overwrite=True)
+    aside = glob.glob(os.path.join(workdir, "replaced-*", "checkpoints", "ckpt-2.index"))
+    assert aside, "the old run's checkpoint must be moved aside, not deleted"
+
+
+def test_non_finite_meta_loss_fails_naming_the_window_and_saves_no_nan(tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train_loop.NonFiniteError, match=r"at iteration 1 \(logging window 1..1"):
+        train_loop.run(smoke(inner_lr=1e30, checkpoint_every=1), workdir)
+    assert not glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*"))
+    skipped = str(tmp_path / "skip")
+    train_loop.run(smoke(inner_lr=1e30, on_nan="skip"), skipped)
+    weights, step = weights_of(skipped)
+    assert step == 4 and all(np.all(np.isfinite(w)) for w in weights)
+
+
+def _flagfile_config(cfg, workdir):
+    values = flags.FLAGS
+    values(["prog", f"--flagfile={cfg}"])
+    try:
+        config = maml_flags.config_from_flags(values)
+    finally:
+        values.unparse_flags()
+    return Config.from_dict({**config.to_dict(), "num_iterations": 2, "eval_tasks": 2,
+                             "val_tasks": 2, "log_every": 1, "eval_every": 2,
+                             "checkpoint_every": 2, "jit_compile": False})
+
+
+@pytest.mark.parametrize("cfg", sorted(os.path.relpath(p, ROOT) for p in
+                                       glob.glob(os.path.join(ROOT, "runs", "*.cfg"))
+                                       if not p.endswith("_common.cfg")))
+def test_every_flagfile_runs_two_iterations(cfg, tmp_path, monkeypatch, request):
+    monkeypatch.chdir(ROOT)
+    config = _flagfile_config(cfg, str(tmp_path))
+    if config.dataset == "omniglot":
+        config = Config.from_dict({**config.to_dict(),
+                                   "data_dir": request.getfixturevalue("omniglot_dir")})
+    elif config.dataset == "mini_imagenet":
+        config = Config.from_dict({**config.to_dict(),
+                                   "data_dir": request.getfixturevalue("mini_imagenet_dir")})
+    results = train_loop.run(config, str(tmp_path / "run"))
+    assert results["protocol"]["checkpoint_step"] == 2
+
+
+def test_entry_point_reports_bad_flags_clearly(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    bad = subprocess.run([sys.executable, "-m", "maml_tf.train", f"--workdir={tmp_path}",
+                          "--dataset=sinusoid", "--model=conv4"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--model=conv4 is an image model" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "maml_tf.train", f"--workdir={tmp_path}",
+                              "--flagfile=runs/nope.cfg"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "runs/nope.cfg" in missing.stderr
