@@ -3,6 +3,7 @@
 from setuptools import setup
 
 LINUX_X86 = "platform_system == 'Linux' and platform_machine == 'x86_64'"
+OTHER = "platform_system != 'Linux' or platform_machine != 'x86_64'"
 
 setup(
     name="maml_tf",
@@ -23,7 +24,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "cpu": [f"tensorflow-cpu~=2.21.0; {LINUX_X86}", f"tensorflow~=2.21.0; not ({LINUX_X86})"],
+        "cpu": [f"tensorflow-cpu~=2.21.0; {LINUX_X86}", f"tensorflow~=2.21.0; {OTHER}"],
         "gpu": ["tensorflow[and-cuda]~=2.21.0"],
         "tpu": ["tensorflow-tpu~=2.21.0"],
         "test": ["pytest>=8"],

@@ -15,7 +15,7 @@ from maml_tf.config import Config, ConfigError
 # Keys that may change when a run is resumed (a longer schedule, more logging).
 RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
-                  "data_source"}
+                  "data_source", "inner_recompute"}
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -43,7 +43,8 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f)
+            # Keys added to Config after the run was written take their defaults.
+            old = {**Config().to_dict(), **json.load(f)}
         new = config.to_dict()
         diff = sorted(k for k in set(old) | set(new)
                       if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))

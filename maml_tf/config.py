@@ -44,6 +44,7 @@ class Config:
     query: int = 0
     eval_shots: tuple[int, ...] = ()
     inner_steps: int = 1
+    inner_recompute: bool = False
     eval_inner_steps: int = 0
     inner_lr: float = 0.01
     meta_lr: float = 1e-3

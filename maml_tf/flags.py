@@ -52,6 +52,8 @@ flags.DEFINE_enum("conv_pool", _D.conv_pool, C.POOLS, "Conv-4 downsampling: stri
                   "or 2x2 max-pool ('auto': stride for Omniglot, max for mini-ImageNet).")
 flags.DEFINE_enum("algorithm", _D.algorithm, C.ALGORITHMS, "Meta-learning algorithm.")
 flags.DEFINE_integer("inner_steps", _D.inner_steps, "Inner SGD steps in meta-training.")
+flags.DEFINE_bool("inner_recompute", _D.inner_recompute, "Gradient checkpointing of the "
+                  "inner loop: recompute each inner step in the backward pass (less memory).")
 flags.DEFINE_integer("eval_inner_steps", _D.eval_inner_steps, "Inner steps at evaluation (0: inner_steps).")
 flags.DEFINE_float("inner_lr", _D.inner_lr, "Inner-loop SGD step size (alpha).")
 flags.DEFINE_float("meta_lr", _D.meta_lr, "Adam learning rate of the outer loop (beta).")

@@ -12,7 +12,7 @@ from models.functional import FunctionalModel
 def build_learner(config, model: keras.Model) -> MetaLearner:
     loss_fn, metric_fn = losses.LOSSES["regression" if config.is_regression else "classification"]
     return MetaLearner(FunctionalModel(model), loss_fn, metric_fn, config.inner_lr,
-                       first_order=config.first_order)
+                       first_order=config.first_order, recompute=config.inner_recompute)
 
 
 def train_inner_steps(config) -> int:

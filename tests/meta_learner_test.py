@@ -158,3 +158,60 @@ class MetaGradientTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+def _global_rel(a, b):
+    num = np.sqrt(sum(float(tf.reduce_sum((tf.cast(x, tf.float64) - tf.cast(y, tf.float64)) ** 2))
+                      for x, y in zip(a, b)))
+    return num / np.sqrt(sum(float(tf.reduce_sum(tf.cast(x, tf.float64) ** 2)) for x in a))
+
+
+class CompiledMetaGradientTest(tf.test.TestCase, parameterized.TestCase):
+    """The training step runs in tf.function/XLA: it must compute the same meta-gradient.
+
+    Errors are global (norm over all weights): the conv and dense biases that feed batch
+    norm have an exactly zero true gradient, so per-tensor relative errors are noise.
+    """
+
+    def _setup(self, dtype, recompute=False, pool="stride"):
+        keras.utils.set_random_seed(7)
+        model = zoo.conv4((12, 12, 1), 5, filters=8, pool=pool, blocks=3, dtype=dtype)
+        learner = MetaLearner(FunctionalModel(model), losses.cross_entropy, losses.accuracy,
+                              0.4, recompute=recompute)
+        ep = _classification_episode(np.random.default_rng(8), 3, 5, (12, 12, 1), 5, dtype)
+        return learner, ep
+
+    @staticmethod
+    def _grad_fn(learner, ep, steps):
+        def fn(weights):
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                loss, _ = learner.meta_loss(weights, ep, steps)
+            return tape.gradient(loss, weights)
+        return fn
+
+    @parameterized.parameters((False, "stride"), (True, "stride"), (True, "max"))
+    def test_graph_and_xla_equal_eager_in_float64(self, jit, pool):
+        learner, ep = self._setup("float64", pool=pool)
+        fn = self._grad_fn(learner, ep, 2)
+        weights = [tf.constant(w) for w in learner.net.meta_weights()]
+        self.assertLess(_global_rel(fn(weights), tf.function(fn, jit_compile=jit)(weights)), 1e-12)
+
+    def test_recompute_gives_the_same_meta_gradient(self):
+        plain, ep = self._setup("float64")
+        rec, _ = self._setup("float64", recompute=True)
+        weights = [tf.constant(w) for w in plain.net.meta_weights()]
+        for jit in (False, True):
+            a = tf.function(self._grad_fn(plain, ep, 3), jit_compile=jit)(weights)
+            b = tf.function(self._grad_fn(rec, ep, 3), jit_compile=jit)(weights)
+            self.assertLess(_global_rel(a, b), 1e-12)
+
+    def test_float32_xla_meta_gradient_agrees_with_float64(self):
+        l64, ep64 = self._setup("float64")
+        l32, _ = self._setup("float32")
+        ep32 = Episode(*(tf.cast(t, tf.float32) if t.dtype == tf.float64 else t for t in ep64))
+        w64 = [tf.constant(w) for w in l64.net.meta_weights()]
+        w32 = [tf.cast(w, tf.float32) for w in w64]
+        g64 = self._grad_fn(l64, ep64, 1)(w64)
+        g32 = tf.function(self._grad_fn(l32, ep32, 1), jit_compile=True)(w32)
+        self.assertLess(_global_rel(g64, g32), 1e-5)

@@ -1,0 +1,192 @@
+"""Meta-step benchmark: throughput, compile time, peak RSS, counted GFLOP/s, and the ratio
+to a plain per-task loop, for the paper's configurations.
+
+    python benchmarks/meta_step.py                       # every case, second and first order
+    python benchmarks/meta_step.py --cases=omniglot_5w1s --orders=second
+    python benchmarks/meta_step.py --memory              # peak RSS vs inner steps (+ recompute)
+
+Each case runs in its own subprocess, so compile time and peak RSS are its own. Episodes
+are synthetic tensors of the real shapes: this measures the meta-step, not the input
+pipeline (``--input`` measures that on the real Omniglot arrays). Throughput is the
+median over ``--windows`` windows of ``--window_steps`` meta-steps after one warm-up window.
+Nothing here is run by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CASES = {
+    "omniglot_5w1s": dict(dataset="omniglot", way=5, shot=1, inner_steps=1, inner_lr=0.4,
+                          meta_batch_size=32),
+    "omniglot_20w1s": dict(dataset="omniglot", way=20, shot=1, inner_steps=5, inner_lr=0.1,
+                           meta_batch_size=16),
+    "mini_imagenet_5w1s": dict(dataset="mini_imagenet", way=5, shot=1, query=15, inner_steps=5,
+                               inner_lr=0.01, meta_batch_size=4, grad_clip=10.0),
+}
+
+
+# -- child: one measurement ------------------------------------------------------------------
+def _episode(config):
+    import numpy as np
+    import tensorflow as tf
+    from data.episode import Episode
+    rng = np.random.default_rng(0)
+    t, ns, nq = config.meta_batch_size, config.way * config.shot, config.way * config.queries
+    img = lambda n: tf.constant(rng.uniform(size=(t, n) + config.image_shape).astype("float32"))
+    lab = lambda n: tf.constant(rng.integers(0, config.way, size=(t, n)).astype("int32"))
+    return Episode(img(ns), lab(ns), img(nq), lab(nq))
+
+
+def _time_windows(fn, episode, windows, steps):
+    rates = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = fn(episode)
+        float(out["loss"] if isinstance(out, dict) else out)   # wait for the last step
+        rates.append(steps / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _counted_flops(learner, episode, steps, first_order):
+    import tensorflow as tf
+
+    @tf.function
+    def meta_grad(ep):
+        with tf.GradientTape() as tape:
+            loss, _ = learner.meta_loss(learner.net.meta_weights(), ep, steps, first_order)
+        return tape.gradient(loss, learner.net.meta_weights())
+
+    graph = meta_grad.get_concrete_function(episode).graph
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph=graph, options=opts).total_float_ops
+
+
+def _loop_step(run, steps, first_order):
+    """The baseline: the same meta-gradient, one task at a time, in a tf.function loop."""
+    import tensorflow as tf
+    from data.episode import Episode
+    learner, variables = run.learner, run.learner.net.variables
+
+    @tf.function
+    def step(ep):
+        with tf.GradientTape() as tape:
+            losses = []
+            for t in range(ep.support_x.shape[0]):
+                task = Episode(*(x[t:t + 1] for x in ep))
+                losses.append(learner.meta_loss(learner.net.meta_weights(), task, steps,
+                                                first_order, track_steps=False)[0])
+            loss = tf.add_n(losses) / len(losses)
+        run.optimizer.apply(tape.gradient(loss, learner.net.meta_weights()), variables)
+        return loss
+
+    return step
+
+
+def child(case: str, order: str, windows: int, window_steps: int, inner_steps: int | None,
+          recompute: bool, loop: bool) -> dict:
+    from maml_tf import train_loop
+    from maml_tf.config import Config
+    values = dict(CASES[case], algorithm="fomaml" if order == "first" else "maml",
+                  inner_recompute=recompute)
+    if inner_steps is not None:
+        values["inner_steps"] = inner_steps
+    config = Config.from_dict(values)
+    run = train_loop.build(config, tempfile.mkdtemp(prefix="bench-"))
+    episode = _episode(config)
+    step = train_loop.make_train_step(run)
+    t0 = time.perf_counter()
+    float(step(episode)["loss"])
+    compile_s = time.perf_counter() - t0
+    _time_windows(step, episode, 1, window_steps)   # warm-up window
+    steps_per_s = _time_windows(step, episode, windows, window_steps)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    flops = _counted_flops(run.learner, episode, config.inner_steps, config.first_order)
+    out = {"case": case, "order": order, "inner_steps": config.inner_steps,
+           "recompute": recompute, "meta_batch": config.meta_batch_size,
+           "tasks_per_s": steps_per_s * config.meta_batch_size, "compile_s": compile_s,
+           "peak_rss_mb": rss_mb, "gflop_per_step": flops / 1e9,
+           "gflop_per_s": flops * steps_per_s / 1e9}
+    if loop:
+        loop_step = _loop_step(run, config.inner_steps, config.first_order)
+        float(loop_step(episode))
+        loop_rate = _time_windows(loop_step, episode, max(3, windows // 2), max(2, window_steps // 4))
+        out["loop_tasks_per_s"] = loop_rate * config.meta_batch_size
+        out["speedup_vs_loop"] = steps_per_s / loop_rate
+    return out
+
+
+# -- parent: run the children, print the table --------------------------------------------------
+def _spawn(args: list[str]) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, __file__, "--child"] + args, env=env,
+                          capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _print_speed(rows):
+    print("| case | order | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | loop tasks/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['order']} | {r['tasks_per_s']:.0f} | {r['compile_s']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
+              f"{r.get('loop_tasks_per_s', float('nan')):.0f} | {r.get('speedup_vs_loop', float('nan')):.2f}x |")
+
+
+def _print_memory(rows):
+    print("| inner steps | recompute | peak RSS MB | tasks/s |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['inner_steps']} | {r['recompute']} | {r['peak_rss_mb']:.0f} | {r['tasks_per_s']:.0f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--orders", default="second,first")
+    p.add_argument("--windows", type=int, default=7)
+    p.add_argument("--window_steps", type=int, default=10)
+    p.add_argument("--memory", action="store_true", help="peak RSS at 1/5/10/20 inner steps")
+    p.add_argument("--memory_case", default="omniglot_5w1s")
+    p.add_argument("--no_loop", action="store_true", help="skip the per-task loop baseline")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--order", default="second", help=argparse.SUPPRESS)
+    p.add_argument("--inner_steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    common = [f"--windows={a.windows}", f"--window_steps={a.window_steps}"]
+    if a.child:
+        print(json.dumps(child(a.case, a.order, a.windows, a.window_steps, a.inner_steps,
+                               a.recompute, loop=not a.no_loop)))
+        return
+    if a.memory:
+        rows = [_spawn([f"--case={a.memory_case}", f"--inner_steps={s}", "--no_loop",
+                        "--windows=3", "--window_steps=3"] + (["--recompute"] if rc else []))
+                for s in (1, 5, 10, 20) for rc in (False, True)]
+        _print_memory(rows)
+        return
+    rows = []
+    for case in a.cases.split(","):
+        for order in a.orders.split(","):
+            rows.append(_spawn([f"--case={case}", f"--order={order}"] + common +
+                               (["--no_loop"] if a.no_loop else [])))
+            print(json.dumps(rows[-1]), flush=True)
+    _print_speed(rows)
+
+
+if __name__ == "__main__":
+    main()
