@@ -57,6 +57,7 @@ class Config:
     seed: int = 0
     strategy: str = "default"
     tpu: str = ""
+    cpu_devices: int = 0
     jit_compile: bool = True
     log_every: int = 100
     eval_every: int = 1000
@@ -169,6 +170,7 @@ class Config:
         _at_least("val_tasks", self.val_tasks, 1)
         for name in ("log_every", "eval_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 1)
+        _at_least("cpu_devices", self.cpu_devices, 0, "(0 keeps one CPU device)")
         _at_least("num_filters", self.num_filters, 0, "(0 picks 64 for Omniglot, 32 for mini-ImageNet)")
         self._validate_combinations()
 

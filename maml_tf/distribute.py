@@ -1,6 +1,16 @@
-"""``make_strategy(config)``: the one ``tf.distribute`` strategy of a run."""
+"""``make_strategy(config)``: the one ``tf.distribute`` strategy of a run.
+
+On a machine without accelerators, ``--cpu_devices=N`` splits the CPU into N logical
+devices, so that ``--strategy=mirrored`` runs N replicas on one host (how the tests
+check distribution here). It must run before TensorFlow initialises its devices, which
+is why the entry point builds the strategy first.
+"""
 
 from __future__ import annotations
+
+import glob
+import json
+import os
 
 import tensorflow as tf
 
@@ -8,12 +18,14 @@ from maml_tf.config import ConfigError
 
 
 def make_strategy(config) -> tf.distribute.Strategy:
+    if config.cpu_devices:
+        _split_cpu(config.cpu_devices)
     if config.strategy == "default":
         strategy = tf.distribute.get_strategy()
     elif config.strategy == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
+        strategy = tf.distribute.MirroredStrategy(devices=_local_devices())
     elif config.strategy == "multi_worker":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = _multi_worker_strategy()
     else:
         strategy = _tpu_strategy(config.tpu)
     replicas = strategy.num_replicas_in_sync
@@ -24,14 +36,71 @@ def make_strategy(config) -> tf.distribute.Strategy:
     return strategy
 
 
-def _tpu_strategy(address: str) -> tf.distribute.Strategy:
+def _split_cpu(n: int) -> None:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current and len(current) == n:
+        return
     try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address or None)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        raise ConfigError(f"--cpu_devices={n} must be set before TensorFlow initialises its "
+                          f"devices (start a fresh process): {e}") from e
+
+
+def _local_devices() -> list[str]:
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
+def _multi_worker_strategy() -> tf.distribute.Strategy:
+    if "TF_CONFIG" not in os.environ:
+        raise ConfigError("--strategy=multi_worker needs TF_CONFIG in the environment, e.g. "
+                          '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                          '"task": {"type": "worker", "index": 0}} on each worker.')
+    # Physical, not logical, devices: listing logical ones would start the runtime, and
+    # collective ops must be configured before that. NCCL on GPUs, ring over gRPC on CPUs.
+    impl = tf.distribute.experimental.CommunicationImplementation
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=impl.AUTO if tf.config.list_physical_devices("GPU") else impl.RING)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def _on_tpu_host() -> bool:
+    """A local TPU (TPU VM) or a named one; looked up without any network request."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                or os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"))
+
+
+def _tpu_strategy(address: str) -> tf.distribute.Strategy:
+    if not address and not _on_tpu_host():
+        raise ConfigError(
+            "--strategy=tpu found no TPU: this machine has no local TPU device (/dev/accel*) "
+            "and --tpu is empty. Run on a Cloud TPU VM, or pass --tpu=<name or "
+            "grpc://host:8470>; on CPU or GPU use --strategy=default or --strategy=mirrored.")
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address or "local")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, tf.errors.OpError, RuntimeError) as e:
-        raise ConfigError(
-            f"--strategy=tpu found no TPU (--tpu={address!r}): {e}. Run on a Cloud TPU VM "
-            "(leave --tpu empty) or pass --tpu=<name or grpc://host:8470>; on CPU or GPU use "
-            "--strategy=default or --strategy=mirrored.") from e
+        raise ConfigError(f"--strategy=tpu could not reach the TPU --tpu={address!r}: {e}") from e
     return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief() -> bool:
+    """True on the worker that owns the workdir (the only one, unless multi-worker)."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = tf_config.get("task", {})
+    return task.get("type", "chief") == "chief" or (
+        task.get("type") == "worker" and task.get("index", 0) == 0
+        and "chief" not in tf_config.get("cluster", {}))
+
+
+def worker_workdir(workdir: str) -> str:
+    """Non-chief workers write their (identical) checkpoints and logs to a subfolder, so
+    that they never race the chief for the same files."""
+    if is_chief():
+        return workdir
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    return os.path.join(workdir, "workers", f"{task['type']}-{task['index']}")

@@ -19,11 +19,14 @@ def make_eval_step(learner: MetaLearner, steps: int, strategy: tf.distribute.Str
     gathered over replicas."""
 
     @tf.function(jit_compile=jit_compile)
-    def replica_fn(episode):
-        weights = learner.net.meta_weights()
+    def adapt_and_score(weights, episode):
         # No outer tape here, so first_order=True only saves work; values are identical.
         _, m = learner.meta_loss(weights, episode, steps, first_order=True)
         return m.loss, (m.accuracy if m.accuracy is not None else tf.zeros_like(m.loss))
+
+    def replica_fn(episode):
+        # Weights enter XLA as tensors read on this replica's device (see train_loop).
+        return adapt_and_score([tf.identity(w) for w in learner.net.meta_weights()], episode)
 
     @tf.function
     def step(episode):

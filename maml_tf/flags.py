@@ -22,6 +22,8 @@ flags.DEFINE_bool("overwrite", False, "Allow reusing a workdir that holds a run 
 flags.DEFINE_integer("seed", _D.seed, "Seed of the initial weights and of the training tasks.")
 flags.DEFINE_enum("strategy", _D.strategy, C.STRATEGIES, "tf.distribute strategy.")
 flags.DEFINE_string("tpu", _D.tpu, "TPU name or grpc:// address for --strategy=tpu.")
+flags.DEFINE_integer("cpu_devices", _D.cpu_devices, "Split the CPU into this many logical "
+                     "devices (replicas for --strategy=mirrored on a machine without GPUs).")
 flags.DEFINE_bool("jit_compile", _D.jit_compile, "Compile the meta-step with XLA.")
 flags.DEFINE_enum("on_nan", _D.on_nan, C.ON_NAN, "On a non-finite meta-loss or "
                   "meta-gradient: 'fail' stops naming the step window, 'skip' skips the update.")

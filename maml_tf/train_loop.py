@@ -65,6 +65,7 @@ class Run:
 def build(config: Config, workdir: str, overwrite: bool = False) -> Run:
     """Set-up: strategy, workdir, model, optimizer, checkpoint (section 1)."""
     strategy = distribute.make_strategy(config)
+    workdir = distribute.worker_workdir(workdir)
     checkpointing.prepare_workdir(workdir, config, overwrite)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
@@ -86,16 +87,28 @@ def make_train_step(run: Run):
     replicas = strategy.num_replicas_in_sync
 
     @tf.function(jit_compile=config.jit_compile)
-    def replica_fn(episode):
+    def meta_gradient(weights, episode):
         with tf.GradientTape() as tape:
-            loss, per_step = learner.meta_loss(learner.net.meta_weights(), episode, steps)
+            tape.watch(weights)
+            loss, per_step = learner.meta_loss(weights, episode, steps)
             # Each replica averages over its 1/R share of the meta-batch; dividing by R
             # makes the SUM all-reduce below the mean over all tasks of the global batch.
             scaled = loss / replicas
-        grads = tape.gradient(scaled, learner.net.meta_weights(),
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(scaled, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         acc = per_step.accuracy if per_step.accuracy is not None else per_step.loss
         return loss, grads, tf.reduce_mean(per_step.loss, 0), tf.reduce_mean(acc, 0)
+
+    def replica_fn(episode):
+        # Weights enter the XLA cluster as tensors read on this replica's device: XLA
+        # cannot use a mirrored variable's copy that lives on another (logical) device.
+        loss, grads, step_loss, step_acc = meta_gradient(
+            [tf.identity(w) for w in learner.net.meta_weights()], episode)
+        # All-reduce here, in the replica context, so every replica holds the global values.
+        ctx = tf.distribute.get_replica_context()
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        loss, step_loss, step_acc = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                                   [loss, step_loss, step_acc])
+        return loss, grads, step_loss, step_acc
 
     def apply(grads):
         run.optimizer.apply(grads, variables)
@@ -103,10 +116,10 @@ def make_train_step(run: Run):
 
     @tf.function
     def train_step(episode):
-        loss, grads, step_loss, step_acc = strategy.run(replica_fn, args=(episode,))
-        reduce = lambda op, v: strategy.reduce(op, v, axis=None)
-        grads = reduce(tf.distribute.ReduceOp.SUM, grads)
-        loss = reduce(tf.distribute.ReduceOp.MEAN, loss)
+        reduced = strategy.run(replica_fn, args=(episode,))
+        # Every replica holds the same all-reduced values: take replica 0's.
+        loss, grads, step_loss, step_acc = tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0], reduced)
         grad_norm = tf.linalg.global_norm(grads)
         ok = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
         if config.grad_clip > 0:
@@ -116,9 +129,9 @@ def make_train_step(run: Run):
         tf.cond(ok, lambda: apply(grads), lambda: tf.constant(False))
         run.step.assign_add(1)
         out = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - tf.cast(ok, tf.float32),
-               "step_loss": reduce(tf.distribute.ReduceOp.MEAN, step_loss)}
+               "step_loss": step_loss}
         if not config.is_regression:
-            out["step_accuracy"] = reduce(tf.distribute.ReduceOp.MEAN, step_acc)
+            out["step_accuracy"] = step_acc
         return out
 
     return train_step
@@ -128,6 +141,10 @@ def _eval_dataset(run: Run, split: str, num_tasks: int, shot: int):
     batch = data_lib.eval_batch_size(num_tasks, run.config.meta_batch_size,
                                      run.strategy.num_replicas_in_sync)
     ds = data_lib.eval_dataset(run.config, split, num_tasks, shot, batch=batch)
+    # Workers split the fixed tasks batch by batch; gathering restores all of them.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(options)
     return run.strategy.experimental_distribute_dataset(ds)
 
 
@@ -168,6 +185,7 @@ def run(config: Config, workdir: str, overwrite: bool = False) -> dict:
     """Meta-trains (or resumes) the run in ``workdir`` and returns its results."""
     # -- 1. Set-up --------------------------------------------------------------------
     r = build(config, workdir, overwrite)
+    workdir = r.workdir
     # -- 2. Restore-or-init -------------------------------------------------------------
     restored = checkpointing.restore_or_init(r.manager)
     start = int(r.step.numpy())

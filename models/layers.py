@@ -53,9 +53,11 @@ class Conv2D(TaskBatchedLayer):
     order are exact and fuse well under XLA.
     """
 
-    def __init__(self, filters: int, kernel_size: int = 3, strides: int = 1, **kwargs):
+    def __init__(self, filters: int, kernel_size: int = 3, strides: int = 1,
+                 use_bias: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.strides = filters, kernel_size, strides
+        self.use_bias = use_bias
 
     def build(self, input_shape):
         cin = int(input_shape[-1])
@@ -63,10 +65,11 @@ class Conv2D(TaskBatchedLayer):
         # Glorot-uniform, as cbfinn/maml's xavier_initializer_conv2d.
         self.kernel = self.add_weight(name="kernel", shape=(k, k, cin, self.filters),
                                       initializer="glorot_uniform")
-        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
 
     def batched_apply(self, params, x, training=True):
-        kernel, bias = params
+        kernel = params[0]
         t = tf.shape(x)[0]
         n = tf.shape(x)[1]
         h, w, cin = x.shape[2], x.shape[3], x.shape[4]
@@ -78,12 +81,13 @@ class Conv2D(TaskBatchedLayer):
                    for i in range(k) for j in range(k)]
         cols = tf.reshape(tf.concat(patches, axis=-1), [t, -1, k * k * cin])
         out = tf.matmul(cols, tf.reshape(kernel, [t, k * k * cin, self.filters]))
-        out = out + bias[:, None, :]
+        if self.use_bias:
+            out = out + params[1][:, None, :]
         return tf.reshape(out, [t, n, ho, wo, self.filters])
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
-                "kernel_size": self.kernel_size, "strides": self.strides}
+                "kernel_size": self.kernel_size, "strides": self.strides, "use_bias": self.use_bias}
 
 
 class BatchNorm(TaskBatchedLayer):
@@ -121,22 +125,27 @@ class BatchNorm(TaskBatchedLayer):
 class Dense(TaskBatchedLayer):
     """Affine layer. Shapes: x ``[T, N, D]`` -> ``[T, N, units]``."""
 
-    def __init__(self, units: int, **kwargs):
+    def __init__(self, units: int, kernel_initializer="glorot_uniform", use_bias: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.units = units
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape):
         d = int(input_shape[-1])
         self.kernel = self.add_weight(name="kernel", shape=(d, self.units),
-                                      initializer="glorot_uniform")
-        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+                                      initializer=self.kernel_initializer)
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
 
     def batched_apply(self, params, x, training=True):
-        kernel, bias = params
-        return tf.matmul(x, kernel) + bias[:, None, :]
+        out = tf.matmul(x, params[0])
+        return out + params[1][:, None, :] if self.use_bias else out
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units}
+        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
 class ReLU(TaskBatchedLayer):

@@ -3,7 +3,10 @@
 * ``mlp``: sinusoid regression, 40-40 ReLU (Finn et al. 2017, section 5.1), or the
   non-convolutional Omniglot baseline 256-128-64-64 with batch norm.
 * ``conv4``: four blocks of 3x3 conv -> exact batch norm -> ReLU, then a ``Dense(way)``
-  head. Omniglot: 64 filters, stride-2 convolutions, global average pool (as
+  head.
+
+A layer followed by batch norm has no bias: the normalisation cancels it exactly, so its
+true gradient is zero and Adam would only turn rounding noise into weight updates. Omniglot: 64 filters, stride-2 convolutions, global average pool (as
   cbfinn/maml). mini-ImageNet: 32 filters, 2x2 max-pool, flatten.
 """
 
@@ -17,15 +20,17 @@ from models import layers as L
 
 
 def mlp(input_dim: int, hidden: Sequence[int], outputs: int, batch_norm: bool = False,
-        dtype: str = "float32") -> keras.Sequential:
+        dtype: str = "float32", kernel_initializer="glorot_uniform") -> keras.Sequential:
     """Input ``[N, input_dim]`` -> ``[N, outputs]``."""
     stack: list = []
+    init = kernel_initializer
     for i, units in enumerate(hidden):
-        stack.append(L.Dense(units, dtype=dtype, name=f"dense{i}"))
+        stack.append(L.Dense(units, kernel_initializer=init, use_bias=not batch_norm,
+                             dtype=dtype, name=f"dense{i}"))
         if batch_norm:
             stack.append(L.BatchNorm(dtype=dtype, name=f"bn{i}"))
         stack.append(L.ReLU(dtype=dtype, name=f"relu{i}"))
-    stack.append(L.Dense(outputs, dtype=dtype, name="head"))
+    stack.append(L.Dense(outputs, kernel_initializer=init, dtype=dtype, name="head"))
     model = keras.Sequential([keras.Input((input_dim,), dtype=dtype)] + stack, name="mlp")
     return model
 
@@ -42,7 +47,7 @@ def conv4(image_shape: Sequence[int], outputs: int, filters: int = 64, pool: str
     stack: list = []
     for i in range(blocks):
         stride = 2 if pool == "stride" else 1
-        stack += [L.Conv2D(filters, 3, stride, dtype=dtype, name=f"conv{i}"),
+        stack += [L.Conv2D(filters, 3, stride, use_bias=False, dtype=dtype, name=f"conv{i}"),
                   L.BatchNorm(dtype=dtype, name=f"bn{i}"),
                   L.ReLU(dtype=dtype, name=f"relu{i}")]
         if pool == "max":
