@@ -20,6 +20,7 @@ SOURCES = ("auto", "npz", "official", "tfds")
 POOLS = ("auto", "stride", "max")
 ROTATIONS = ("augment", "none")
 ON_NAN = ("fail", "skip")
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,7 @@ class Config:
     eval_shots: tuple[int, ...] = ()
     inner_steps: int = 1
     inner_recompute: bool = False
+    precision: str = "float32"
     eval_inner_steps: int = 0
     inner_lr: float = 0.01
     meta_lr: float = 1e-3
@@ -153,6 +155,7 @@ class Config:
         _choice("train_rotations", self.train_rotations, ROTATIONS)
         _choice("eval_rotations", self.eval_rotations, ROTATIONS)
         _choice("on_nan", self.on_nan, ON_NAN)
+        _choice("precision", self.precision, PRECISIONS)
         if not self.is_regression:
             _at_least("way", self.way, 2)
         _at_least("shot", self.shot, 1)

@@ -56,6 +56,9 @@ flags.DEFINE_enum("algorithm", _D.algorithm, C.ALGORITHMS, "Meta-learning algori
 flags.DEFINE_integer("inner_steps", _D.inner_steps, "Inner SGD steps in meta-training.")
 flags.DEFINE_bool("inner_recompute", _D.inner_recompute, "Gradient checkpointing of the "
                   "inner loop: recompute each inner step in the backward pass (less memory).")
+flags.DEFINE_enum("precision", _D.precision, C.PRECISIONS, "Compute dtype of the inner loop "
+                  "and forward passes; meta-weights and losses stay float32. bfloat16 suits "
+                  "TPUs and recent GPUs; float16 has no loss scaling (watch for non-finite steps).")
 flags.DEFINE_integer("eval_inner_steps", _D.eval_inner_steps, "Inner steps at evaluation (0: inner_steps).")
 flags.DEFINE_float("inner_lr", _D.inner_lr, "Inner-loop SGD step size (alpha).")
 flags.DEFINE_float("meta_lr", _D.meta_lr, "Adam learning rate of the outer loop (beta).")

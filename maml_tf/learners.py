@@ -12,7 +12,8 @@ from models.functional import FunctionalModel
 def build_learner(config, model: keras.Model) -> MetaLearner:
     loss_fn, metric_fn = losses.LOSSES["regression" if config.is_regression else "classification"]
     return MetaLearner(FunctionalModel(model), loss_fn, metric_fn, config.inner_lr,
-                       first_order=config.first_order, recompute=config.inner_recompute)
+                       first_order=config.first_order, recompute=config.inner_recompute,
+                       compute_dtype=None if config.precision == "float32" else config.precision)
 
 
 def train_inner_steps(config) -> int:

@@ -47,8 +47,10 @@ class MetaLearner:
     """
 
     def __init__(self, net: FunctionalModel, loss_fn: Callable, metric_fn: Callable | None,
-                 inner_lr: float, first_order: bool = False, recompute: bool = False):
+                 inner_lr: float, first_order: bool = False, recompute: bool = False,
+                 compute_dtype: str | None = None):
         self.net = net
+        self.compute_dtype = tf.as_dtype(compute_dtype) if compute_dtype else None
         self.loss_fn = loss_fn
         self.metric_fn = metric_fn
         self.inner_lr = inner_lr
@@ -67,7 +69,7 @@ class MetaLearner:
         """Gradient of each task's support loss w.r.t. its fast weights ``[T, *shape]``."""
         with tf.GradientTape() as tape:
             tape.watch(params)
-            losses = self.loss_fn(self.net.apply(params, x), y)
+            losses = self.loss_fn(self._forward(params, x), y)
             total = tf.reduce_sum(losses)
         grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order:
@@ -82,6 +84,8 @@ class MetaLearner:
         Returns the fast weights after 0..steps steps, each ``[T, *shape]``.
         """
         first_order = self.first_order if first_order is None else first_order
+        if self.compute_dtype is not None:
+            weights = [tf.cast(w, self.compute_dtype) for w in weights]
         params = tile_for_tasks(weights, x.shape[0])
         trajectory = [params]
         for step in range(steps):
@@ -92,10 +96,16 @@ class MetaLearner:
             trajectory.append(params)
         return trajectory
 
+    def _forward(self, params: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+        """Model outputs, in float32 whatever the compute dtype (losses stay accurate)."""
+        if self.compute_dtype is None:
+            return self.net.apply(params, x)
+        return tf.cast(self.net.apply(params, tf.cast(x, self.compute_dtype)), tf.float32)
+
     # -- outer objective ----------------------------------------------------------------
     def query_metrics(self, params: list[tf.Tensor], x: tf.Tensor,
                       y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
-        out = self.net.apply(params, x)
+        out = self._forward(params, x)
         metric = self.metric_fn(out, y) if self.metric_fn is not None else None
         return self.loss_fn(out, y), metric
 
