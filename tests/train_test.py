@@ -122,3 +122,37 @@ def test_entry_point_reports_bad_flags_clearly(tmp_path):
                               "--flagfile=runs/nope.cfg"], cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "runs/nope.cfg" in missing.stderr
+
+
+def _tags(directory):
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(directory, size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    return set(acc.Tags()["tensors"]), set(acc.Tags()["images"]) | {
+        t for t in acc.Tags()["tensors"] if "fit" in t}
+
+
+def test_tensorboard_gets_per_step_metrics_rates_and_the_sinusoid_figure(tmp_path):
+    workdir = str(tmp_path / "run")
+    train_loop.run(smoke(), workdir)
+    scalars, images = _tags(os.path.join(workdir, "train"))
+    for tag in ("meta_loss", "query_loss/step_0", "query_loss/step_1", "grad_norm",
+                "learning_rate", "tasks_per_sec", "nonfinite", "val_3shot/loss/step_2",
+                "val_3shot/loss_ci95/step_2"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert "sinusoid_fit" in images
+    eval_scalars, _ = _tags(os.path.join(workdir, "eval"))
+    assert "test_5shot/loss/step_2" in eval_scalars
+
+
+def test_evaluate_entry_point_reproduces_the_final_evaluation(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = train_loop.run(smoke(), workdir)["test"]
+    os.remove(os.path.join(workdir, "results.json"))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "maml_tf.evaluate", f"--workdir={workdir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.load(open(os.path.join(workdir, "results.json")))
+    assert again["test"] == json.loads(json.dumps(first))
+    assert again["protocol"]["checkpoint_step"] == 4

@@ -1,0 +1,33 @@
+"""Plots a run's validation curve (``history.json``) to a PNG; kept short.
+
+    python -m maml_tf.plot_curve --workdir=$HOME/maml_runs/omniglot_5w1s --out=curve.png
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+from maml_tf import plots
+
+flags.DEFINE_string("workdir", None, "Run directory holding history.json.", required=True)
+flags.DEFINE_string("out", None, "PNG file to write.", required=True)
+flags.DEFINE_string("title", "", "Figure title (default: the workdir's name).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    path = os.path.join(FLAGS.workdir, "history.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist: the run has not validated yet.")
+    history = json.load(open(path))
+    key = "accuracy" if "accuracy" in history[0] else "loss"
+    plots.learning_curve([h["step"] for h in history], [h[key] for h in history],
+                         [h[f"{key}_ci95"] for h in history],
+                         FLAGS.title or os.path.basename(os.path.normpath(FLAGS.workdir)),
+                         f"validation {key} (95% CI)", FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
