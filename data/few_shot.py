@@ -27,7 +27,6 @@ def sample_task(images: tf.Tensor, stream: int, index: tf.Tensor, way: int, shot
     idx = tf.stack([tf.repeat(classes[:, None], shot + query, axis=1), picks], axis=-1)
     x = tf.cast(tf.gather_nd(images, idx), tf.float32) / 255.0   # [way, K+Q, H, W, ch]
     labels = tf.repeat(tf.range(way, dtype=tf.int32)[:, None], shot + query, axis=1)
-    hwc = images.shape[2:]
 
     def flat(t, n):
         return tf.reshape(t, [way * n] + list(t.shape[2:]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -67,6 +66,3 @@ def write_eval(prefix: str, result: dict, step: int) -> None:
             tf.summary.scalar(f"{prefix}/{metric}/step_{k}", mean, step=step)
             tf.summary.scalar(f"{prefix}/{metric}_ci95/step_{k}", ci, step=step)
 
-
-def finite(x) -> bool:
-    return bool(np.all(np.isfinite(x)))

@@ -12,11 +12,11 @@ then the final evaluation. Reads top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -225,7 +225,6 @@ def run(config: Config, workdir: str, overwrite: bool = False) -> dict:
 
 
 def _load_history(workdir: str) -> list:
-    import json
     path = os.path.join(workdir, "history.json")
     if os.path.exists(path):
         with open(path) as f:

@@ -1,6 +1,5 @@
 """Data: episodes, sinusoid, Omniglot's three sources and splits, mini-ImageNet loaders."""
 
-import hashlib
 import io
 import os
 import pickle
