@@ -21,6 +21,7 @@ POOLS = ("auto", "stride", "max")
 ROTATIONS = ("augment", "none")
 ON_NAN = ("fail", "skip")
 PRECISIONS = ("float32", "bfloat16", "float16")
+NORMS = ("batch", "layer", "none")
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class Config:
     model: str = "auto"
     num_filters: int = 0
     conv_pool: str = "auto"
+    norm: str = "batch"
     algorithm: str = "maml"
     way: int = 5
     shot: int = 1
@@ -156,6 +158,7 @@ class Config:
         _choice("eval_rotations", self.eval_rotations, ROTATIONS)
         _choice("on_nan", self.on_nan, ON_NAN)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("norm", self.norm, NORMS)
         if not self.is_regression:
             _at_least("way", self.way, 2)
         _at_least("shot", self.shot, 1)

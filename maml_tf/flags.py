@@ -52,6 +52,9 @@ flags.DEFINE_enum("model", _D.model, C.MODELS, "Network: 'auto' is the paper's c
 flags.DEFINE_integer("num_filters", _D.num_filters, "Conv-4 filters (0: 64 Omniglot, 32 mini-ImageNet).")
 flags.DEFINE_enum("conv_pool", _D.conv_pool, C.POOLS, "Conv-4 downsampling: stride-2 convs "
                   "or 2x2 max-pool ('auto': stride for Omniglot, max for mini-ImageNet).")
+flags.DEFINE_enum("norm", _D.norm, C.NORMS, "Conv-4 normalisation: 'batch' uses each task's "
+                  "batch statistics (transductive, as the paper); 'layer' normalises each "
+                  "example alone (non-transductive); 'none'.")
 flags.DEFINE_enum("algorithm", _D.algorithm, C.ALGORITHMS, "Meta-learning algorithm.")
 flags.DEFINE_integer("inner_steps", _D.inner_steps, "Inner SGD steps in meta-training.")
 flags.DEFINE_bool("inner_recompute", _D.inner_recompute, "Gradient checkpointing of the "

@@ -20,7 +20,7 @@ def get_model(config, dtype: str = "float32") -> keras.Sequential:
         return _flattened(zoo.mlp(h * w * c, [256, 128, 64, 64], config.way, batch_norm=True,
                                   dtype=dtype), config.image_shape, dtype)
     return zoo.conv4(config.image_shape, config.way, filters=config.filters, pool=config.pool,
-                     dtype=dtype)
+                     dtype=dtype, norm=config.norm)
 
 
 def _flattened(mlp: keras.Sequential, image_shape, dtype) -> keras.Sequential:

@@ -122,6 +122,35 @@ class BatchNorm(TaskBatchedLayer):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
+class LayerNorm(TaskBatchedLayer):
+    """Per-example normalisation over every axis but task and example, with per-channel
+    scale and offset (as cbfinn/maml's ``layer_norm``). Unlike ``BatchNorm`` it does not
+    mix the examples of a batch: the non-transductive alternative.
+    Shapes: x ``[T, N, ..., C]`` -> same.
+    """
+
+    def __init__(self, epsilon: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        c = int(input_shape[-1])
+        self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
+
+    def batched_apply(self, params, x, training=True):
+        gamma, beta = params
+        axes = list(range(2, x.shape.rank))
+        centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
+        var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
+        shape = [-1] + [1] * (x.shape.rank - 2) + [x.shape[-1]]
+        return (centred * tf.math.rsqrt(var + self.epsilon) * tf.reshape(gamma, shape)
+                + tf.reshape(beta, shape))
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
 class Dense(TaskBatchedLayer):
     """Affine layer. Shapes: x ``[T, N, D]`` -> ``[T, N, units]``."""
 

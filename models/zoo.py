@@ -35,21 +35,28 @@ def mlp(input_dim: int, hidden: Sequence[int], outputs: int, batch_norm: bool = 
     return model
 
 
+NORMS = {"batch": L.BatchNorm, "layer": L.LayerNorm}
+
+
 def conv4(image_shape: Sequence[int], outputs: int, filters: int = 64, pool: str = "stride",
-          blocks: int = 4, dtype: str = "float32") -> keras.Sequential:
+          blocks: int = 4, dtype: str = "float32", norm: str = "batch") -> keras.Sequential:
     """Input ``[N, H, W, C]`` -> logits ``[N, outputs]``.
 
     pool: ``"stride"`` (stride-2 convs, global average pool; Omniglot) or
     ``"max"`` (stride-1 convs, 2x2 max-pool, flatten; mini-ImageNet).
+    norm: ``"batch"`` (per-task batch statistics, transductive, as the paper),
+    ``"layer"`` (per-example, non-transductive) or ``"none"``.
     """
     if pool not in ("stride", "max"):
         raise ValueError(f"conv4 pool must be 'stride' or 'max', got {pool!r}.")
     stack: list = []
     for i in range(blocks):
         stride = 2 if pool == "stride" else 1
-        stack += [L.Conv2D(filters, 3, stride, use_bias=False, dtype=dtype, name=f"conv{i}"),
-                  L.BatchNorm(dtype=dtype, name=f"bn{i}"),
-                  L.ReLU(dtype=dtype, name=f"relu{i}")]
+        stack.append(L.Conv2D(filters, 3, stride, use_bias=norm == "none", dtype=dtype,
+                              name=f"conv{i}"))
+        if norm != "none":
+            stack.append(NORMS[norm](dtype=dtype, name=f"{norm}norm{i}"))
+        stack.append(L.ReLU(dtype=dtype, name=f"relu{i}"))
         if pool == "max":
             stack.append(L.MaxPool2x2(dtype=dtype, name=f"pool{i}"))
     stack.append(L.GlobalAvgPool(dtype=dtype, name="gap") if pool == "stride"
