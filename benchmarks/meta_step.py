@@ -5,7 +5,8 @@ to a plain per-task loop, for the paper's configurations.
     python benchmarks/meta_step.py --cases=omniglot_5w1s --orders=second
     python benchmarks/meta_step.py --memory              # peak RSS vs inner steps (+ recompute)
 
-Each case runs in its own subprocess, so compile time and peak RSS are its own. Episodes
+Each case runs in its own subprocess, so compile time and peak RSS are its own. GFLOP counts
+the matmuls of the optimized XLA program (see ``_counted_flops``). Episodes
 are synthetic tensors of the real shapes: this measures the meta-step, not the input
 pipeline (``--input`` measures that on the real Omniglot arrays). Throughput is the
 median over ``--windows`` windows of ``--window_steps`` meta-steps after one warm-up window.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -57,19 +59,37 @@ def _time_windows(fn, episode, windows, steps):
     return statistics.median(rates)
 
 
+_SHAPE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
+
+
 def _counted_flops(learner, episode, steps, first_order):
+    """Matmul FLOPs of the meta-gradient as XLA will run it: 2*M*N*K summed over the
+    ``dot`` instructions of the optimized HLO (dead branches already pruned; elementwise
+    work not counted)."""
+    import numpy as np
     import tensorflow as tf
 
-    @tf.function
-    def meta_grad(ep):
+    @tf.function(jit_compile=True)
+    def meta_grad(weights, ep):
         with tf.GradientTape() as tape:
-            loss, _ = learner.meta_loss(learner.net.meta_weights(), ep, steps, first_order)
-        return tape.gradient(loss, learner.net.meta_weights())
+            tape.watch(weights)
+            loss, _ = learner.meta_loss(weights, ep, steps, first_order)
+        return tape.gradient(loss, weights)
 
-    graph = meta_grad.get_concrete_function(episode).graph
-    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    opts["output"] = "none"
-    return tf.compat.v1.profiler.profile(graph=graph, options=opts).total_float_ops
+    weights = [tf.identity(w) for w in learner.net.meta_weights()]
+    hlo = meta_grad.experimental_get_compiler_ir(weights, episode)(stage="optimized_hlo")
+    shapes = {m.group(1): [int(d) for d in m.group(2).split(",") if d]
+              for m in map(_SHAPE.match, hlo.splitlines()) if m}
+    total = 0
+    for line in hlo.splitlines():
+        if " dot(" not in line:
+            continue
+        out = shapes[_SHAPE.match(line).group(1)]
+        lhs = re.search(r"dot\(%?([\w.\-]+)", line).group(1)
+        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+        k = int(np.prod([shapes[lhs][int(i)] for i in dims.split(",") if i]))
+        total += 2 * int(np.prod(out)) * k
+    return total
 
 
 def _loop_step(run, steps, first_order):

@@ -27,6 +27,23 @@ def _split_images(dataset: str, data_dir: str, source: str, split_name: str, spl
     return mini_imagenet.load_split(data_dir, split)
 
 
+def describe_splits(config) -> dict | None:
+    """Which classes each split holds, for the workdir's ``split.json`` (None for sinusoid)."""
+    if config.dataset == "omniglot":
+        from data import omniglot
+        idx = omniglot.split_indices(config.split)
+        return {"dataset": "omniglot", "split": config.split,
+                "character_index": "into background (0..963) then evaluation (964..1622), "
+                                   "each in official character-id order",
+                "train_rotations": config.train_rotations, "eval_rotations": config.eval_rotations,
+                **{s: [int(i) for i in v] for s, v in idx.items()}}
+    if config.dataset == "mini_imagenet":
+        from data import mini_imagenet
+        return {"dataset": "mini_imagenet", "split": "ravi",
+                **{s: mini_imagenet.class_names(config.data_dir, s) for s in ("train", "val", "test")}}
+    return None
+
+
 def split_images(config, split: str):
     """uint8 ``[C, D, H, W, ch]`` images of one split (cached per process)."""
     rotations = config.train_rotations if split == "train" else config.eval_rotations

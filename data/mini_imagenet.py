@@ -24,8 +24,18 @@ from data.errors import DataError
 SIZE = 84
 
 
-@functools.lru_cache(maxsize=4)
 def load_split(data_dir: str, split: str) -> np.ndarray:
+    """uint8 ``[C, D, 84, 84, 3]`` images of one split."""
+    return _load(data_dir, split)[1]
+
+
+def class_names(data_dir: str, split: str) -> list[str]:
+    """The wnids of a split's classes, in the order of ``load_split``."""
+    return _load(data_dir, split)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _load(data_dir: str, split: str) -> tuple[list[str], np.ndarray]:
     data_dir = data_dir or os.environ.get("MAML_TF_MINI_IMAGENET_DIR", "")
     pkl = os.path.join(data_dir, f"mini-imagenet-cache-{split}.pkl")
     csv_path = os.path.join(data_dir, f"{split}.csv")
@@ -39,7 +49,7 @@ def load_split(data_dir: str, split: str) -> np.ndarray:
         "layout). Download mini-ImageNet and pass its folder as --data_dir.")
 
 
-def _stack(groups: dict[str, list[np.ndarray]], source: str) -> np.ndarray:
+def _stack(groups: dict[str, list[np.ndarray]], source: str) -> tuple[list[str], np.ndarray]:
     sizes = {len(v) for v in groups.values()}
     if len(sizes) != 1:
         raise DataError(f"{source}: classes have different numbers of images {sorted(sizes)}; "
@@ -47,10 +57,10 @@ def _stack(groups: dict[str, list[np.ndarray]], source: str) -> np.ndarray:
     out = np.stack([np.stack(v) for v in groups.values()])
     if out.shape[2:] != (SIZE, SIZE, 3):
         raise DataError(f"{source}: images are {out.shape[2:]}, expected ({SIZE}, {SIZE}, 3).")
-    return out.astype(np.uint8)
+    return list(groups), out.astype(np.uint8)
 
 
-def _from_pickle(path: str) -> np.ndarray:
+def _from_pickle(path: str) -> tuple[list[str], np.ndarray]:
     try:
         with open(path, "rb") as f:
             cache = pickle.load(f)
@@ -61,7 +71,7 @@ def _from_pickle(path: str) -> np.ndarray:
     return _stack({c: [images[i] for i in rows] for c, rows in classes.items()}, path)
 
 
-def _from_csv(data_dir: str, csv_path: str) -> np.ndarray:
+def _from_csv(data_dir: str, csv_path: str) -> tuple[list[str], np.ndarray]:
     from PIL import Image
     groups: dict[str, list[np.ndarray]] = {}
     with open(csv_path) as f:

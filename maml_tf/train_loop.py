@@ -67,6 +67,9 @@ def build(config: Config, workdir: str, overwrite: bool = False) -> Run:
     strategy = distribute.make_strategy(config)
     workdir = distribute.worker_workdir(workdir)
     checkpointing.prepare_workdir(workdir, config, overwrite)
+    splits = data_lib.describe_splits(config)
+    if splits is not None:
+        checkpointing.atomic_write_json(os.path.join(workdir, "split.json"), splits)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = get_model(config)
