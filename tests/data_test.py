@@ -178,3 +178,17 @@ def test_mini_imagenet_missing_and_short_classes_are_clear_errors(mini_imagenet_
                                "shot": 5, "query": 16})
     with pytest.raises(DataError, match="too few for --way=5 with 5 shots"):
         data_lib.eval_dataset(config, "test", 2)
+
+
+def test_input_pipelines_split_each_meta_batch_without_overlap():
+    """Two workers (one pipeline each) see disjoint tasks whose union is one device's batch."""
+    config = Config.from_dict({"meta_batch_size": 4})
+    single = iter(data_lib.train_dataset(config))
+    workers = [iter(data_lib.train_dataset(config, tf.distribute.InputContext(
+        num_input_pipelines=2, input_pipeline_id=i, num_replicas_in_sync=2))) for i in range(2)]
+    for _ in range(3):
+        whole = next(single).support_y.numpy()
+        parts = [next(w).support_y.numpy() for w in workers]
+        assert all(p.shape[0] == 2 for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+        assert not np.array_equal(parts[0], parts[1])
