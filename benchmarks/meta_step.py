@@ -114,11 +114,11 @@ def _loop_step(run, steps, first_order):
 
 
 def child(case: str, order: str, windows: int, window_steps: int, inner_steps: int | None,
-          recompute: bool, loop: bool) -> dict:
+          recompute: bool, loop: bool, jit: bool = True) -> dict:
     from maml_tf import train_loop
     from maml_tf.config import Config
     values = dict(CASES[case], algorithm="fomaml" if order == "first" else "maml",
-                  inner_recompute=recompute)
+                  inner_recompute=recompute, jit_compile=jit)
     if inner_steps is not None:
         values["inner_steps"] = inner_steps
     config = Config.from_dict(values)
@@ -132,7 +132,7 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
     steps_per_s = _time_windows(step, episode, windows, window_steps)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flops = _counted_flops(run.learner, episode, config.inner_steps, config.first_order)
-    out = {"case": case, "order": order, "inner_steps": config.inner_steps,
+    out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
            "recompute": recompute, "meta_batch": config.meta_batch_size,
            "tasks_per_s": steps_per_s * config.meta_batch_size, "compile_s": compile_s,
            "peak_rss_mb": rss_mb, "gflop_per_step": flops / 1e9,
@@ -167,10 +167,11 @@ def _print_speed(rows):
 
 
 def _print_memory(rows):
-    print("| inner steps | recompute | peak RSS MB | tasks/s |")
-    print("|---|---|---|---|")
+    print("| inner steps | XLA | recompute | peak RSS MB | tasks/s |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['inner_steps']} | {r['recompute']} | {r['peak_rss_mb']:.0f} | {r['tasks_per_s']:.0f} |")
+        print(f"| {r['inner_steps']} | {r['jit']} | {r['recompute']} | {r['peak_rss_mb']:.0f} | "
+              f"{r['tasks_per_s']:.0f} |")
 
 
 def main():
@@ -187,15 +188,17 @@ def main():
     p.add_argument("--order", default="second", help=argparse.SUPPRESS)
     p.add_argument("--inner_steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no_jit", action="store_true", help="meta-step without XLA")
     a = p.parse_args()
     common = [f"--windows={a.windows}", f"--window_steps={a.window_steps}"]
     if a.child:
         print(json.dumps(child(a.case, a.order, a.windows, a.window_steps, a.inner_steps,
-                               a.recompute, loop=not a.no_loop)))
+                               a.recompute, loop=not a.no_loop, jit=not a.no_jit)))
         return
     if a.memory:
         rows = [_spawn([f"--case={a.memory_case}", f"--inner_steps={s}", "--no_loop",
-                        "--windows=3", "--window_steps=3"] + (["--recompute"] if rc else []))
+                        "--windows=3", "--window_steps=3"] + (["--recompute"] if rc else []) +
+                       (["--no_jit"] if a.no_jit else []))
                 for s in (1, 5, 10, 20) for rc in (False, True)]
         _print_memory(rows)
         return

@@ -142,7 +142,10 @@ def recomputed(fn: Callable) -> Callable:
     @tf.custom_gradient
     def wrapper(*inputs):
         def grad_fn(*upstream):
-            copies = [tf.identity(t) for t in inputs]
+            # The barrier ties the recomputation to the upstream gradient, so neither
+            # XLA nor Grappler can merge it with the forward pass (which would keep the
+            # activations alive and save nothing).
+            copies = _barrier(list(inputs), list(upstream))
             with tf.GradientTape() as tape:
                 tape.watch(copies)
                 out = fn(*copies)
@@ -151,3 +154,9 @@ def recomputed(fn: Callable) -> Callable:
         return fn(*inputs), grad_fn
 
     return wrapper
+
+
+def _barrier(tensors: list[tf.Tensor], after: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Copies of ``tensors`` that depend on ``after`` (an XLA optimization barrier)."""
+    from tensorflow.compiler.tf2xla.python import xla
+    return list(xla.optimization_barrier(*tensors, *after))[:len(tensors)]

@@ -67,9 +67,6 @@ def build(config: Config, workdir: str, overwrite: bool = False) -> Run:
     strategy = distribute.make_strategy(config)
     workdir = distribute.worker_workdir(workdir)
     checkpointing.prepare_workdir(workdir, config, overwrite)
-    splits = data_lib.describe_splits(config)
-    if splits is not None:
-        checkpointing.atomic_write_json(os.path.join(workdir, "split.json"), splits)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = get_model(config)
@@ -189,6 +186,9 @@ def run(config: Config, workdir: str, overwrite: bool = False) -> dict:
     # -- 1. Set-up --------------------------------------------------------------------
     r = build(config, workdir, overwrite)
     workdir = r.workdir
+    splits = data_lib.describe_splits(config)
+    if splits is not None:
+        checkpointing.atomic_write_json(os.path.join(workdir, "split.json"), splits)
     # -- 2. Restore-or-init -------------------------------------------------------------
     restored = checkpointing.restore_or_init(r.manager)
     start = int(r.step.numpy())

@@ -162,6 +162,6 @@ def test_the_chosen_split_is_written_to_the_workdir(omniglot_dir, tmp_path):
     config = Config.from_dict({"dataset": "omniglot", "data_dir": omniglot_dir, "split": "vinyals",
                                "num_filters": 8, "meta_batch_size": 2, "num_iterations": 1,
                                "eval_tasks": 2, "val_tasks": 2, "jit_compile": False})
-    r = train_loop.build(config, str(tmp_path))
-    split = json.load(open(os.path.join(r.workdir, "split.json")))
+    train_loop.run(config, str(tmp_path))
+    split = json.load(open(os.path.join(tmp_path, "split.json")))
     assert split["split"] == "vinyals" and len(split["train"]) == 1028 and len(split["test"]) == 423
