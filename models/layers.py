@@ -90,17 +90,17 @@ class Conv2D(TaskBatchedLayer):
                 "kernel_size": self.kernel_size, "strides": self.strides, "use_bias": self.use_bias}
 
 
-class BatchNorm(TaskBatchedLayer):
-    """Exact batch normalisation with per-task statistics.
-
-    Statistics are taken over every axis but the task and channel axes, so each task
-    is normalised by its own support (or query) batch, as in MAML (transductive).
-    Shapes: x ``[T, N, ..., C]`` -> same. No running averages are kept.
-    """
+class _Normalization(TaskBatchedLayer):
+    """Exact normalisation over ``axes(x)`` with a per-channel scale and offset. The
+    variance is taken with the mean *inside* the gradient (no ``stop_gradient``), which
+    second-order meta-gradients need."""
 
     def __init__(self, epsilon: float = 1e-3, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon
+
+    def axes(self, x) -> list[int]:
+        raise NotImplementedError
 
     def build(self, input_shape):
         c = int(input_shape[-1])
@@ -109,12 +109,10 @@ class BatchNorm(TaskBatchedLayer):
 
     def batched_apply(self, params, x, training=True):
         gamma, beta = params
-        axes = list(range(1, x.shape.rank - 1))
-        mean = tf.reduce_mean(x, axis=axes, keepdims=True)
-        centred = x - mean
-        # No stop_gradient on `mean` here: that is the point of this layer.
+        axes = self.axes(x)
+        centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
         var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
-        shape = [-1] + [1] * len(axes) + [x.shape[-1]]
+        shape = [-1] + [1] * (x.shape.rank - 2) + [x.shape[-1]]
         scale = tf.reshape(gamma, shape) * tf.math.rsqrt(var + self.epsilon)
         return centred * scale + tf.reshape(beta, shape)
 
@@ -122,33 +120,26 @@ class BatchNorm(TaskBatchedLayer):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
-class LayerNorm(TaskBatchedLayer):
-    """Per-example normalisation over every axis but task and example, with per-channel
-    scale and offset (as cbfinn/maml's ``layer_norm``). Unlike ``BatchNorm`` it does not
-    mix the examples of a batch: the non-transductive alternative.
-    Shapes: x ``[T, N, ..., C]`` -> same.
+class BatchNorm(_Normalization):
+    """Exact batch normalisation with per-task statistics.
+
+    Statistics are taken over every axis but the task and channel axes, so each task
+    is normalised by its own support (or query) batch, as in MAML (transductive).
+    Shapes: x ``[T, N, ..., C]`` -> same. No running averages are kept.
     """
 
-    def __init__(self, epsilon: float = 1e-3, **kwargs):
-        super().__init__(**kwargs)
-        self.epsilon = epsilon
+    def axes(self, x) -> list[int]:
+        return list(range(1, x.shape.rank - 1))
 
-    def build(self, input_shape):
-        c = int(input_shape[-1])
-        self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
-        self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
 
-    def batched_apply(self, params, x, training=True):
-        gamma, beta = params
-        axes = list(range(2, x.shape.rank))
-        centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
-        var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
-        shape = [-1] + [1] * (x.shape.rank - 2) + [x.shape[-1]]
-        return (centred * tf.math.rsqrt(var + self.epsilon) * tf.reshape(gamma, shape)
-                + tf.reshape(beta, shape))
+class LayerNorm(_Normalization):
+    """Per-example normalisation over the spatial and channel axes of each example, with
+    per-channel scale and offset (as cbfinn/maml's ``layer_norm``). It does not mix the
+    examples of a batch: the non-transductive alternative. Shapes: ``[T, N, ..., C]``.
+    """
 
-    def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
+    def axes(self, x) -> list[int]:
+        return list(range(2, x.shape.rank))
 
 
 class Dense(TaskBatchedLayer):
