@@ -12,7 +12,7 @@ import os
 from absl import app, flags
 
 from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
-from maml_tf import evaluation, train_loop
+from maml_tf import checkpointing, evaluation, train_loop
 from maml_tf.config import Config
 
 FLAGS = flags.FLAGS
@@ -31,7 +31,7 @@ def main(argv):
     values.update({k: FLAGS[k].value for k in EVAL_OVERRIDES if FLAGS[k].present})
     config = Config.from_dict(values)
     r = train_loop.build(config, FLAGS.workdir, overwrite=False)
-    if train_loop.checkpointing.restore_or_init(r.manager) is None:
+    if checkpointing.restore_or_init(r.manager) is None:
         raise SystemExit(f"No checkpoint in {FLAGS.workdir}/checkpoints to evaluate.")
     step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
                                      config.jit_compile)
