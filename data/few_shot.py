@@ -15,7 +15,8 @@ from data.tasks import seeds_for
 def sample_task(images: tf.Tensor, stream: int, index: tf.Tensor, way: int, shot: int,
                 query: int):
     """One task: support ``[way*shot, H, W, ch]`` float32 in [0, 1] with int32 labels
-    ``[way*shot]`` (class-major), and the query likewise with ``way*query`` examples.
+    ``[way*shot]`` (class-major), the query likewise with ``way*query`` examples, and the
+    split-level class index of each label ``[way]`` (int32).
 
     The class order (hence the label of each class) is a fresh random permutation.
     """
@@ -32,4 +33,4 @@ def sample_task(images: tf.Tensor, stream: int, index: tf.Tensor, way: int, shot
         return tf.reshape(t, [way * n] + list(t.shape[2:]))
 
     return (flat(x[:, :shot], shot), flat(labels[:, :shot], shot),
-            flat(x[:, shot:], query), flat(labels[:, shot:], query))
+            flat(x[:, shot:], query), flat(labels[:, shot:], query), tf.cast(classes, tf.int32))

@@ -31,24 +31,38 @@ class StepMetrics:
     accuracy: tf.Tensor | None
 
 
-class MetaLearner:
-    """Second- or first-order MAML around a ``FunctionalModel``.
+class MetaLearner(tf.Module):
+    """Second- or first-order MAML around a ``FunctionalModel``: the core that every
+    algorithm of ``maml_tf.learners`` specialises through a few hooks.
+
+    Meta-parameters are ``meta_variables``: the network's weights, then the algorithm's own
+    learned tensors (``extra``: Meta-SGD's rates, MAML++'s per-step rates and norm weights).
+    Compiled code receives them as a list of tensors, ``weights``, in that order.
+
+    Hooks for subclasses: ``inner_update`` (how fast weights move), ``step_params`` (what
+    the network sees at inner step k), ``objective`` (how per-step query losses combine),
+    ``meta_gradient`` (Reptile replaces the tape), ``first_order_at`` (MAML++'s annealing)
+    and ``write_summaries`` (extra TensorBoard state).
 
     Args:
       net: the model, called functionally on fast weights.
       loss_fn: ``(outputs [T,N,...], labels) -> [T]`` per-task loss.
       metric_fn: optional ``(outputs, labels) -> [T]`` (accuracy), or None.
-      inner_lr: the inner SGD step size alpha.
+      inner_lr: the inner step size alpha.
       first_order: drop the second-order term: inner gradients are treated as
         constants by the outer tape (FOMAML).
       recompute: gradient checkpointing of the inner loop: keep only the fast weights of
         each step and recompute the step's activations in the backward pass (memory for
-        time). The inner update must not read trainable variables.
+        time).
+      compute_dtype: dtype of the inner loop and forward passes (None: float32).
+      inner_optimizer: ``"sgd"`` or ``"adam"`` (Adam with beta1 = 0, as Reptile; its
+        state starts at zero for every task and is differentiable like SGD).
     """
 
     def __init__(self, net: FunctionalModel, loss_fn: Callable, metric_fn: Callable | None,
                  inner_lr: float, first_order: bool = False, recompute: bool = False,
-                 compute_dtype: str | None = None):
+                 compute_dtype: str | None = None, inner_optimizer: str = "sgd"):
+        super().__init__()
         self.net = net
         self.compute_dtype = tf.as_dtype(compute_dtype) if compute_dtype else None
         self.loss_fn = loss_fn
@@ -56,20 +70,72 @@ class MetaLearner:
         self.inner_lr = inner_lr
         self.first_order = first_order
         self.recompute = recompute
+        if inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}.")
+        self.inner_optimizer = inner_optimizer
+        self.extra: list[tf.Variable] = []
+
+    # -- meta-parameters ----------------------------------------------------------------
+    @property
+    def meta_variables(self) -> list[tf.Variable]:
+        """Everything the outer optimizer updates: the network's weights, then ``extra``."""
+        return list(self.net.variables) + list(self.extra)
+
+    def meta_weights(self) -> list[tf.Tensor]:
+        """The current values of ``meta_variables`` as tensors."""
+        return self.net.meta_weights() + [tf.convert_to_tensor(v) for v in self.extra]
+
+    def split(self, weights: Sequence[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """``weights`` -> (network weights, the algorithm's extra tensors)."""
+        n = len(self.net.variables)
+        return list(weights[:n]), list(weights[n:])
+
+    @property
+    def reports_inner_steps(self) -> bool:
+        """Whether ``StepMetrics`` has a column per inner step (False: one column)."""
+        return True
 
     # -- inner loop ---------------------------------------------------------------------
+    def init_inner_state(self, params: list[tf.Tensor]) -> list[tf.Tensor]:
+        """The inner optimizer's state for fast weights ``params`` (Adam: the second
+        moments; with beta1 = 0 the first moment is the current gradient)."""
+        if self.inner_optimizer == "adam":
+            return [tf.zeros_like(p) for p in params]
+        return []
+
+    def inner_lr_for(self, index: int, step: int, extra: list[tf.Tensor], dtype) -> tf.Tensor:
+        """The step size of parameter ``index`` at inner step ``step`` (broadcastable to
+        ``[T, *shape]``). Meta-SGD and LSLR return learned tensors."""
+        return tf.constant(self.inner_lr, dtype=dtype)
+
     def inner_update(self, params: list[tf.Tensor], grads: list[tf.Tensor],
-                     step: int) -> list[tf.Tensor]:
-        """One SGD step on the fast weights. Subclasses (Meta-SGD, LSLR) override."""
-        lr = tf.constant(self.inner_lr, dtype=params[0].dtype)
-        return [p - lr * g for p, g in zip(params, grads)]
+                     state: list[tf.Tensor], extra: list[tf.Tensor],
+                     step: int) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """One inner step on the fast weights -> (new params, new optimizer state)."""
+        lrs = [tf.cast(self.inner_lr_for(i, step, extra, p.dtype), p.dtype)
+               for i, p in enumerate(params)]
+        if self.inner_optimizer == "sgd":
+            return [p - lr * g for p, lr, g in zip(params, lrs, grads)], state
+        b2, eps, t = 0.999, 1e-8, float(step + 1)
+        v = [b2 * v0 + (1 - b2) * tf.square(g) for v0, g in zip(state, grads)]
+        new = [p - lr * g / (tf.sqrt(vk / (1 - b2 ** t)) + eps)
+               for p, lr, g, vk in zip(params, lrs, grads, v)]
+        return new, v
+
+    def step_params(self, params: list[tf.Tensor], extra: list[tf.Tensor],
+                    step: int) -> list[tf.Tensor]:
+        """The network weights used at inner step ``step`` (MAML++ swaps in per-step norm
+        weights). ``params`` are the fast weights ``[T, *shape]``."""
+        return params
 
     def support_grads(self, params: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
-                      first_order: bool) -> tuple[list[tf.Tensor], tf.Tensor]:
+                      first_order: bool, extra: Sequence[tf.Tensor] = (),
+                      step: int = 0) -> tuple[list[tf.Tensor], tf.Tensor]:
         """Gradient of each task's support loss w.r.t. its fast weights ``[T, *shape]``."""
         with tf.GradientTape() as tape:
             tape.watch(params)
-            losses = self.loss_fn(self._forward(params, x), y)
+            out = self._forward(self.step_params(params, list(extra), step), x)
+            losses = self.loss_fn(out, y)
             total = tf.reduce_sum(losses)
         grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if first_order:
@@ -78,21 +144,30 @@ class MetaLearner:
 
     def adapt(self, weights: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, steps: int,
               first_order: bool | None = None) -> list[list[tf.Tensor]]:
-        """Runs ``steps`` inner SGD steps for every task.
+        """Runs ``steps`` inner steps for every task.
 
-        weights: meta-weights ``[*shape]``; x, y: support set ``[T, N_s, ...]``.
-        Returns the fast weights after 0..steps steps, each ``[T, *shape]``.
+        weights: meta-weights (``meta_variables`` order); x, y: support set ``[T, N_s, ...]``.
+        Returns the network's fast weights after 0..steps steps, each ``[T, *shape]``.
         """
         first_order = self.first_order if first_order is None else first_order
+        net_weights, extra = self.split(weights)
         if self.compute_dtype is not None:
-            weights = [tf.cast(w, self.compute_dtype) for w in weights]
-        params = tile_for_tasks(weights, x.shape[0])
+            net_weights = [tf.cast(w, self.compute_dtype) for w in net_weights]
+        params = tile_for_tasks(net_weights, x.shape[0])
+        state = self.init_inner_state(params)
+        n, m = len(params), len(state)
         trajectory = [params]
         for step in range(steps):
-            def step_fn(*p, step=step):
-                grads, _ = self.support_grads(list(p), x, y, first_order)
-                return self.inner_update(list(p), grads, step)
-            params = list(recomputed(step_fn)(*params) if self.recompute else step_fn(*params))
+            # Extra tensors enter as explicit inputs so that a recomputed step passes their
+            # gradients on (a custom_gradient does not differentiate captured tensors).
+            def step_fn(*inputs, step=step):
+                p, s, e = list(inputs[:n]), list(inputs[n:n + m]), list(inputs[n + m:])
+                grads, _ = self.support_grads(p, x, y, first_order, e, step)
+                new_p, new_s = self.inner_update(p, grads, s, e, step)
+                return new_p + new_s
+            inputs = params + state + extra
+            out = list(recomputed(step_fn)(*inputs) if self.recompute else step_fn(*inputs))
+            params, state = out[:n], out[n:]
             trajectory.append(params)
         return trajectory
 
@@ -103,31 +178,69 @@ class MetaLearner:
         return tf.cast(self.net.apply(params, tf.cast(x, self.compute_dtype)), tf.float32)
 
     # -- outer objective ----------------------------------------------------------------
-    def query_metrics(self, params: list[tf.Tensor], x: tf.Tensor,
-                      y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
-        out = self._forward(params, x)
+    def query_metrics(self, params: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
+                      extra: Sequence[tf.Tensor] = (),
+                      step: int = 0) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """Per-task query loss ``[T]`` and metric ``[T]`` (or None) at fast weights ``params``."""
+        out = self._forward(self.step_params(params, list(extra), step), x)
         metric = self.metric_fn(out, y) if self.metric_fn is not None else None
         return self.loss_fn(out, y), metric
 
+    def objective(self, step_losses: tf.Tensor, iteration: tf.Tensor | None) -> tf.Tensor:
+        """The meta-loss from per-task query losses ``[T, S+1]`` (after 0..S steps): the mean
+        over tasks after the last step. MAML++'s multi-step loss overrides this."""
+        return tf.reduce_mean(step_losses[:, -1])
+
     def meta_loss(self, weights: Sequence[tf.Tensor], episode: Episode, steps: int,
-                  first_order: bool | None = None,
-                  track_steps: bool = True) -> tuple[tf.Tensor, StepMetrics]:
-        """Query loss after ``steps`` inner steps, averaged over tasks (a scalar).
+                  first_order: bool | None = None, track_steps: bool = True,
+                  iteration: tf.Tensor | None = None) -> tuple[tf.Tensor, StepMetrics]:
+        """Query loss after ``steps`` inner steps, combined over tasks by ``objective``.
 
         With ``track_steps`` the query metrics after every intermediate step are also
-        computed (for TensorBoard); otherwise only the first and last.
+        computed (for TensorBoard and the multi-step loss); otherwise only the first and
+        last. ``iteration`` (a scalar tensor) is the meta-training iteration, for
+        schedules inside the objective.
         """
         trajectory = self.adapt(weights, episode.support_x, episode.support_y, steps,
                                 first_order)
+        per_step = self.score(trajectory, episode, self.split(weights)[1], track_steps)
+        return self.objective(per_step.loss, iteration), per_step
+
+    def score(self, trajectory: list[list[tf.Tensor]], episode: Episode,
+              extra: Sequence[tf.Tensor] = (), track_steps: bool = True) -> StepMetrics:
+        """Query metrics at each fast-weight set of ``trajectory`` (or its first and last)."""
         tracked = range(len(trajectory)) if track_steps else sorted({0, len(trajectory) - 1})
         losses, metrics = [], []
         for k in tracked:
-            loss, metric = self.query_metrics(trajectory[k], episode.query_x, episode.query_y)
+            loss, metric = self.query_metrics(trajectory[k], episode.query_x, episode.query_y,
+                                              extra, k)
             losses.append(loss)
             metrics.append(metric)
-        per_step = StepMetrics(tf.stack(losses, axis=1),
-                               None if metrics[0] is None else tf.stack(metrics, axis=1))
-        return tf.reduce_mean(losses[-1]), per_step
+        return StepMetrics(tf.stack(losses, axis=1),
+                           None if metrics[0] is None else tf.stack(metrics, axis=1))
+
+    def meta_gradient(self, weights: list[tf.Tensor], episode: Episode, steps: int,
+                      iteration: tf.Tensor | None = None, first_order: bool | None = None
+                      ) -> tuple[tf.Tensor, list[tf.Tensor], StepMetrics]:
+        """(meta-loss, its gradient w.r.t. ``weights``, per-step metrics) for one meta-batch.
+
+        The gradient is what the outer optimizer applies (a descent direction); Reptile
+        overrides it with its pseudo-gradient.
+        """
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            loss, per_step = self.meta_loss(weights, episode, steps, first_order,
+                                            iteration=iteration)
+        grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, grads, per_step
+
+    # -- schedules and summaries ---------------------------------------------------------
+    def first_order_at(self, iteration: int) -> bool:
+        """Whether meta-training iteration ``iteration`` (0-based) drops the second-order term."""
+        return self.first_order
+
+    def write_summaries(self, step: int) -> None:
+        """Writes the algorithm's extra state (learned rates, loss weights) to TensorBoard."""
 
 
 def recomputed(fn: Callable) -> Callable:

@@ -52,12 +52,7 @@ class FunctionalModel:
     def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool = True) -> tf.Tensor:
         """params: ``[T, *shape]`` per variable; x: ``[T, N, ...]`` -> ``[T, N, out]``."""
         if self.batched:
-            i = 0
-            for layer in self._layers:
-                n = len(layer.trainable_variables)
-                x = layer.batched_apply(list(params[i:i + n]), x, training)
-                i += n
-            return x
+            return _apply_layers(self._layers, params, x, training)
         outs = []
         for t in range(x.shape[0]):
             y, _ = self.model.stateless_call([p[t] for p in params],
@@ -65,6 +60,49 @@ class FunctionalModel:
                                              x[t], training=training)
             outs.append(y)
         return tf.stack(outs)
+
+
+    # -- views used by algorithms that treat the last layer apart (ANIL, ProtoNets) -------
+    def _require_batched(self, what: str) -> None:
+        if not self.batched:
+            raise ValueError(f"{what} needs a keras.Sequential of models.layers layers; got "
+                             f"{type(self.model).__name__}.")
+
+    def param_layers(self) -> list:
+        """The layer that owns each entry of ``variables`` (same order)."""
+        self._require_batched("param_layers")
+        return [layer for layer in self._layers for _ in layer.trainable_variables]
+
+    def split_head(self) -> tuple["LayerStack", "LayerStack"]:
+        """(body, head): the head is the last layer with weights (the classifier), the
+        body everything before it. ``body.apply`` maps ``[T, N, ...]`` to features
+        ``[T, N, D]``; ``head.apply`` maps features to outputs."""
+        self._require_batched("split_head")
+        last = max(i for i, layer in enumerate(self._layers) if layer.trainable_variables)
+        return LayerStack(self._layers[:last]), LayerStack(self._layers[last:])
+
+
+class LayerStack:
+    """A slice of a ``FunctionalModel``'s layers with the same ``apply`` interface."""
+
+    def __init__(self, layers: list):
+        self._layers = layers
+        self.variables = [v for layer in layers for v in layer.trainable_variables]
+
+    def meta_weights(self) -> list[tf.Tensor]:
+        return [v.value for v in self.variables]
+
+    def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool = True) -> tf.Tensor:
+        return _apply_layers(self._layers, params, x, training)
+
+
+def _apply_layers(layers, params, x, training):
+    i = 0
+    for layer in layers:
+        n = len(layer.trainable_variables)
+        x = layer.batched_apply(list(params[i:i + n]), x, training)
+        i += n
+    return x
 
 
 def tile_for_tasks(weights: Sequence[tf.Tensor], num_tasks: int) -> list[tf.Tensor]:

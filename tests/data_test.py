@@ -46,7 +46,7 @@ def test_few_shot_tasks_have_distinct_classes_and_permuted_labels():
                                          (30, 20, 4, 4, 1)).copy())
     first_class = []
     for i in range(40):
-        sx, sy, qx, qy = few_shot.sample_task(images, 7, tf.constant(i, tf.int64), 5, 2, 3)
+        sx, sy, qx, qy, classes = few_shot.sample_task(images, 7, tf.constant(i, tf.int64), 5, 2, 3)
         assert sx.shape == (10, 4, 4, 1) and qx.shape == (15, 4, 4, 1)
         cls_s = np.round(sx.numpy()[:, 0, 0, 0] * 255).astype(int)
         cls_q = np.round(qx.numpy()[:, 0, 0, 0] * 255).astype(int)
@@ -54,6 +54,8 @@ def test_few_shot_tasks_have_distinct_classes_and_permuted_labels():
         for label in range(5):   # one class per label, the same in support and query
             assert len(set(cls_s[sy.numpy() == label])) == 1
             assert set(cls_q[qy.numpy() == label]) == set(cls_s[sy.numpy() == label])
+            # `classes` names the split-level class behind each label (pre-training reads it).
+            assert set(cls_s[sy.numpy() == label]) == {int(classes.numpy()[label])}
         first_class.append(cls_s[sy.numpy() == 0][0])
     assert len(set(first_class)) > 10   # label 0 is a different class from task to task
 
