@@ -12,7 +12,10 @@ import math
 from typing import Any
 
 DATASETS = ("sinusoid", "omniglot", "mini_imagenet")
-ALGORITHMS = ("maml", "fomaml", "pretrain")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "protonet", "pretrain")
+INNER_OPTIMIZERS = ("sgd", "adam")
+META_OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 MODELS = ("auto", "mlp", "conv4")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 SPLITS = ("cbfinn", "vinyals", "lake")
@@ -47,12 +50,21 @@ class Config:
     query: int = 0
     eval_shots: tuple[int, ...] = ()
     inner_steps: int = 1
+    inner_optimizer: str = "sgd"
     inner_recompute: bool = False
     precision: str = "float32"
     eval_inner_steps: int = 0
     inner_lr: float = 0.01
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
+    meta_lr_schedule: str = "constant"
+    min_meta_lr: float = 0.0
+    lslr: bool = False
+    bnwb: bool = False
+    msl_iterations: int = 0
+    da_iterations: int = 0
     meta_batch_size: int = 25
+    task_chunks: int = 1
     grad_clip: float = 0.0
     num_iterations: int = 70000
     eval_tasks: int = 600
@@ -75,7 +87,13 @@ class Config:
 
     @property
     def first_order(self) -> bool:
-        return self.algorithm == "fomaml"
+        """No second-order term: FOMAML, and Reptile (which has no outer tape at all)."""
+        return self.algorithm in ("fomaml", "reptile")
+
+    @property
+    def is_metric_learner(self) -> bool:
+        """ProtoNets: the classifier is built from the support set, with no inner loop."""
+        return self.algorithm == "protonet"
 
     @property
     def queries(self) -> int:
@@ -86,6 +104,8 @@ class Config:
 
     @property
     def test_inner_steps(self) -> int:
+        if self.is_metric_learner:
+            return 0
         return self.eval_inner_steps or self.inner_steps
 
     @property
@@ -159,6 +179,9 @@ class Config:
         _choice("on_nan", self.on_nan, ON_NAN)
         _choice("precision", self.precision, PRECISIONS)
         _choice("norm", self.norm, NORMS)
+        _choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
+        _choice("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
+        _choice("meta_lr_schedule", self.meta_lr_schedule, LR_SCHEDULES)
         if not self.is_regression:
             _at_least("way", self.way, 2)
         _at_least("shot", self.shot, 1)
@@ -169,8 +192,12 @@ class Config:
         _at_least("eval_inner_steps", self.eval_inner_steps, 0, "(0 means inner_steps)")
         _positive("inner_lr", self.inner_lr, allow_zero=True)
         _positive("meta_lr", self.meta_lr)
+        _positive("min_meta_lr", self.min_meta_lr, allow_zero=True)
+        _at_least("msl_iterations", self.msl_iterations, 0, "(0: no multi-step loss)")
+        _at_least("da_iterations", self.da_iterations, 0, "(0: second order from the start)")
         _positive("grad_clip", self.grad_clip, allow_zero=True)
         _at_least("meta_batch_size", self.meta_batch_size, 1)
+        _at_least("task_chunks", self.task_chunks, 1, "(1: all tasks of a replica at once)")
         _at_least("num_iterations", self.num_iterations, 0)
         _at_least("eval_tasks", self.eval_tasks, 1)
         _at_least("val_tasks", self.val_tasks, 1)
@@ -192,8 +219,29 @@ class Config:
                               "non-conv baseline); use --model=conv4 for mini_imagenet.")
         if self.dataset == "omniglot" and self.split == "lake" and self.way > 659:
             raise ConfigError(f"--way={self.way} exceeds the 659 test characters of the lake split.")
+        self._validate_algorithm()
         if self.strategy == "tpu" and self.jit_compile is False:
             raise ConfigError("--strategy=tpu always compiles with XLA; drop --nojit_compile.")
+
+
+    def _validate_algorithm(self) -> None:
+        mamlpp = {"lslr": self.lslr, "bnwb": self.bnwb, "msl_iterations": self.msl_iterations,
+                  "da_iterations": self.da_iterations}
+        used = [name for name, value in mamlpp.items() if value]
+        if used and self.algorithm != "mamlpp":
+            raise ConfigError(f"--{used[0]} is a MAML++ switch; it needs --algorithm=mamlpp "
+                              f"(got --algorithm={self.algorithm}).")
+        if self.bnwb and (self.is_regression or self.norm == "none"):
+            raise ConfigError("--bnwb learns per-step batch-norm weights, but this network has no "
+                              "normalisation layers (sinusoid MLP or --norm=none); drop --bnwb.")
+        if self.inner_optimizer == "adam" and self.algorithm != "reptile":
+            raise ConfigError("--inner_optimizer=adam is Reptile's first-order inner loop; "
+                              "use --algorithm=reptile, or --inner_optimizer=sgd.")
+        if self.is_metric_learner and self.is_regression:
+            raise ConfigError("--algorithm=protonet classifies by class prototypes; it does not "
+                              "apply to --dataset=sinusoid.")
+        if self.min_meta_lr > self.meta_lr:
+            raise ConfigError(f"--min_meta_lr={self.min_meta_lr} exceeds --meta_lr={self.meta_lr}.")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

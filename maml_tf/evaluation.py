@@ -26,7 +26,7 @@ def make_eval_step(learner: MetaLearner, steps: int, strategy: tf.distribute.Str
 
     def replica_fn(episode):
         # Weights enter XLA as tensors read on this replica's device (see train_loop).
-        return adapt_and_score([tf.identity(w) for w in learner.net.meta_weights()], episode)
+        return adapt_and_score([tf.identity(w) for w in learner.meta_weights()], episode)
 
     @tf.function
     def step(episode):

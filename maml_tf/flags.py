@@ -57,6 +57,8 @@ flags.DEFINE_enum("norm", _D.norm, C.NORMS, "Conv-4 normalisation: 'batch' uses 
                   "example alone (non-transductive); 'none'.")
 flags.DEFINE_enum("algorithm", _D.algorithm, C.ALGORITHMS, "Meta-learning algorithm.")
 flags.DEFINE_integer("inner_steps", _D.inner_steps, "Inner SGD steps in meta-training.")
+flags.DEFINE_enum("inner_optimizer", _D.inner_optimizer, C.INNER_OPTIMIZERS, "Inner-loop "
+                  "optimizer: 'sgd', or 'adam' (beta1 = 0, Reptile only).")
 flags.DEFINE_bool("inner_recompute", _D.inner_recompute, "Gradient checkpointing of the "
                   "inner loop: recompute each inner step in the backward pass (less memory).")
 flags.DEFINE_enum("precision", _D.precision, C.PRECISIONS, "Compute dtype of the inner loop "
@@ -64,9 +66,29 @@ flags.DEFINE_enum("precision", _D.precision, C.PRECISIONS, "Compute dtype of the
                   "TPUs and recent GPUs; float16 has no loss scaling (watch for non-finite steps).")
 flags.DEFINE_integer("eval_inner_steps", _D.eval_inner_steps, "Inner steps at evaluation (0: inner_steps).")
 flags.DEFINE_float("inner_lr", _D.inner_lr, "Inner-loop SGD step size (alpha).")
-flags.DEFINE_float("meta_lr", _D.meta_lr, "Adam learning rate of the outer loop (beta).")
+flags.DEFINE_float("meta_lr", _D.meta_lr, "Learning rate of the outer loop (beta; Reptile's "
+                   "outer step size epsilon with --meta_optimizer=sgd).")
+flags.DEFINE_enum("meta_optimizer", _D.meta_optimizer, C.META_OPTIMIZERS, "Outer optimizer. "
+                  "'sgd' with Reptile gives its update theta += eps * mean(phi - theta).")
+flags.DEFINE_enum("meta_lr_schedule", _D.meta_lr_schedule, C.LR_SCHEDULES, "Outer learning "
+                  "rate over --num_iterations: constant, linear to 0 (Reptile's annealing), or "
+                  "cosine to --min_meta_lr (MAML++ CA).")
+flags.DEFINE_float("min_meta_lr", _D.min_meta_lr, "Floor of the cosine schedule.")
+
+# -- MAML++ switches (Antoniou et al. 2019), with --algorithm=mamlpp ---------------------
+flags.DEFINE_bool("lslr", _D.lslr, "Learned inner learning rates per layer (variable) and step.")
+flags.DEFINE_bool("bnwb", _D.bnwb, "Per-step normalisation weights and biases, meta-learned "
+                  "and not adapted in the inner loop.")
+flags.DEFINE_integer("msl_iterations", _D.msl_iterations, "Multi-step loss: weight the query "
+                     "loss after every inner step, annealed towards the last step over this "
+                     "many iterations (0: off).")
+flags.DEFINE_integer("da_iterations", _D.da_iterations, "Derivative-order annealing: first-"
+                     "order meta-gradients for this many iterations, then second order (0: off).")
 flags.DEFINE_integer("meta_batch_size", _D.meta_batch_size, "Tasks per meta-update (global, "
                      "over all replicas).")
+flags.DEFINE_integer("task_chunks", _D.task_chunks, "Compute each replica's meta-gradient "
+                     "in this many sequential chunks of tasks (an XLA while loop): the same "
+                     "gradient with less peak memory.")
 flags.DEFINE_float("grad_clip", _D.grad_clip, "Clip the meta-gradient to this global norm (0: off).")
 
 # -- schedule and evaluation ---------------------------------------------------------------

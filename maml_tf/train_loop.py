@@ -71,38 +71,69 @@ def build(config: Config, workdir: str, overwrite: bool = False) -> Run:
     with strategy.scope():
         model = get_model(config)
         learner = build_learner(config, model)
-        optimizer = keras.optimizers.Adam(config.meta_lr)
-        optimizer.build(learner.net.variables)
+        optimizer = make_optimizer(config)
+        optimizer.build(learner.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    # The learner holds the algorithm's own meta-parameters (learned rates, ...).
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, learner=learner)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=3)
     return Run(config, workdir, strategy, model, learner, optimizer, step, manager)
 
 
+def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    """The outer optimizer and its learning-rate schedule over ``num_iterations``: constant,
+    linear to 0 (Reptile's annealed epsilon) or cosine to ``min_meta_lr`` (MAML++ CA). The
+    schedule reads the optimizer's own iteration counter, which checkpoints restore."""
+    lr = config.meta_lr
+    horizon = max(config.num_iterations, 1)
+    if config.meta_lr_schedule == "linear":
+        lr = keras.optimizers.schedules.PolynomialDecay(lr, horizon, end_learning_rate=0.0)
+    elif config.meta_lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, horizon, alpha=config.min_meta_lr / lr)
+    if config.meta_optimizer == "sgd":
+        return keras.optimizers.SGD(lr)
+    return keras.optimizers.Adam(lr)
+
+
+def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(lr(optimizer.iterations) if callable(lr) else lr)
+
+
 def make_train_step(run: Run):
-    """The meta-step: per-replica meta-gradients (XLA), all-reduced, checked, applied."""
+    """The meta-step: per-replica meta-gradients (XLA), all-reduced, checked, applied.
+
+    Returns ``train_step(episode, first_order: bool)``; the flag is a Python value, so each
+    setting compiles once (MAML++ switches from first to second order once).
+    """
     config, strategy, learner = run.config, run.strategy, run.learner
-    variables = learner.net.variables
+    variables = learner.meta_variables
     steps = train_inner_steps(config)
     replicas = strategy.num_replicas_in_sync
 
-    @tf.function(jit_compile=config.jit_compile)
-    def meta_gradient(weights, episode):
-        with tf.GradientTape() as tape:
-            tape.watch(weights)
-            loss, per_step = learner.meta_loss(weights, episode, steps)
-            # Each replica averages over its 1/R share of the meta-batch; dividing by R
-            # makes the SUM all-reduce below the mean over all tasks of the global batch.
-            scaled = loss / replicas
-        grads = tape.gradient(scaled, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    def chunk_gradient(weights, episode, iteration, first_order):
+        loss, grads, per_step = learner.meta_gradient(weights, episode, steps, iteration,
+                                                      first_order)
         acc = per_step.accuracy if per_step.accuracy is not None else per_step.loss
-        return loss, grads, tf.reduce_mean(per_step.loss, 0), tf.reduce_mean(acc, 0)
+        return [loss, grads, tf.reduce_mean(per_step.loss, 0), tf.reduce_mean(acc, 0)]
 
-    def replica_fn(episode):
+    @tf.function(jit_compile=config.jit_compile)
+    def meta_gradient(weights, episode, iteration, first_order):
+        fn = lambda ep: chunk_gradient(weights, ep, iteration, first_order)
+        columns = steps + 1 if learner.reports_inner_steps else 1
+        loss, grads, step_loss, step_acc = (
+            fn(episode) if config.task_chunks == 1 else
+            _sum_over_chunks(fn, episode, config.task_chunks, weights, columns))
+        # Each replica averages over its 1/R share of the meta-batch; dividing by R
+        # makes the SUM all-reduce below the mean over all tasks of the global batch.
+        grads = [g / replicas for g in grads]
+        return loss, grads, step_loss, step_acc
+
+    def replica_fn(episode, iteration, first_order):
         # Weights enter the XLA cluster as tensors read on this replica's device: XLA
         # cannot use a mirrored variable's copy that lives on another (logical) device.
         loss, grads, step_loss, step_acc = meta_gradient(
-            [tf.identity(w) for w in learner.net.meta_weights()], episode)
+            [tf.identity(w) for w in learner.meta_weights()], episode, iteration, first_order)
         # All-reduce here, in the replica context, so every replica holds the global values.
         ctx = tf.distribute.get_replica_context()
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
@@ -115,8 +146,11 @@ def make_train_step(run: Run):
         return tf.constant(True)
 
     @tf.function
-    def train_step(episode):
-        reduced = strategy.run(replica_fn, args=(episode,))
+    def train_step(episode, first_order=None):
+        first_order = learner.first_order if first_order is None else first_order
+        iteration = tf.cast(run.step, tf.float32)
+        reduced = strategy.run(lambda ep, it: replica_fn(ep, it, first_order),
+                               args=(episode, iteration))
         # Every replica holds the same all-reduced values: take replica 0's.
         loss, grads, step_loss, step_acc = tf.nest.map_structure(
             lambda v: strategy.experimental_local_results(v)[0], reduced)
@@ -135,6 +169,24 @@ def make_train_step(run: Run):
         return out
 
     return train_step
+
+
+def _sum_over_chunks(fn, episode, chunks: int, weights, columns: int):
+    """The mean of ``fn`` over ``chunks`` equal slices of the episode's tasks, computed one
+    slice after another in a while loop, so that only one slice's activations are alive
+    (the peak memory of the second-order step shrinks with the chunk size)."""
+    parts = tf.nest.map_structure(
+        lambda t: None if t is None else tf.reshape(t, [chunks, -1] + t.shape.as_list()[1:]),
+        episode)
+
+    def body(i, acc):
+        out = fn(tf.nest.map_structure(lambda t: None if t is None else t[i], parts))
+        return i + 1, tf.nest.map_structure(lambda a, o: a + o / chunks, acc, out)
+
+    zeros = [tf.zeros([]), [tf.zeros_like(w) for w in weights], tf.zeros([columns]),
+             tf.zeros([columns])]
+    _, acc = tf.while_loop(lambda i, _: i < chunks, body, (tf.constant(0), zeros))
+    return acc
 
 
 def _eval_dataset(run: Run, split: str, num_tasks: int, shot: int):
@@ -210,12 +262,13 @@ def run(config: Config, workdir: str, overwrite: bool = False) -> dict:
     last_log, t0 = start, time.time()
     with writer.as_default():
         for step in range(start + 1, config.num_iterations + 1):
-            out = train_step(next(batches))
+            out = train_step(next(batches), r.learner.first_order_at(step - 1))
             _check_finite(out, step, last_log, config)
             window.update(out)
             if schedule.log(step):
                 window.write(step, step - last_log, config.meta_batch_size,
-                             config.num_iterations, config.meta_lr)
+                             config.num_iterations, current_lr(r.optimizer))
+                r.learner.write_summaries(step)
                 last_log = step
             if schedule.validate(step):
                 _validate(r, eval_step, step, history)

@@ -12,26 +12,42 @@ import keras
 from data.episode import Episode
 from maml_tf.config import Config
 from maml_tf.learners import build_learner, train_inner_steps
+from maml_tf.train_loop import make_optimizer
 from models import get_model
 
-WAY, SHOT, QUERY, TASKS = 5, 2, 3, 4
+WAY, SHOT, QUERY, TASKS, CLASSES = 5, 2, 3, 4, 20
 
 
 def _separable_episode(seed: int) -> Episode:
-    """Tasks whose classes are distinct random prototypes plus noise: learnable in a few steps."""
+    """Tasks whose classes are distinct random prototypes plus noise: learnable in a few
+    steps. Each task draws WAY of CLASSES global classes (``Episode.classes``)."""
     rng = np.random.default_rng(seed)
-    protos = rng.uniform(size=(TASKS, WAY, 28, 28, 1)).astype("float32")
+    protos = rng.uniform(size=(CLASSES, 28, 28, 1)).astype("float32")
+    classes = np.stack([rng.permutation(CLASSES)[:WAY] for _ in range(TASKS)])
 
     def part(n):
         y = np.tile(np.arange(WAY), n)
-        x = protos[:, y] + 0.1 * rng.normal(size=(TASKS, WAY * n, 28, 28, 1)).astype("float32")
+        x = protos[classes[:, y]] + 0.1 * rng.normal(size=(TASKS, WAY * n, 28, 28, 1)).astype("float32")
         return tf.constant(x), tf.constant(np.broadcast_to(y, (TASKS, WAY * n)).astype("int32"))
-    return Episode(*part(SHOT), *part(QUERY))
+    return Episode(*part(SHOT), *part(QUERY), tf.constant(classes.astype("int32")))
+
+
+def _noise_episode(seed: int) -> Episode:
+    """Images of pure noise: no query can be told from another, whatever the support."""
+    rng = np.random.default_rng(seed)
+
+    def part(n):
+        x = rng.uniform(size=(TASKS, WAY * n, 28, 28, 1)).astype("float32")
+        y = np.broadcast_to(np.tile(np.arange(WAY), n), (TASKS, WAY * n)).astype("int32")
+        return tf.constant(x), tf.constant(y)
+    classes = np.stack([rng.permutation(CLASSES)[:WAY] for _ in range(TASKS)]).astype("int32")
+    return Episode(*part(SHOT), *part(QUERY), tf.constant(classes))
 
 
 class LearnerContract:
     """Mixed into a ``tf.test.TestCase`` by each algorithm's test class."""
     ALGORITHM: str
+    OVERRIDES: dict = {}
 
     def setUp(self):
         super().setUp()
@@ -39,27 +55,50 @@ class LearnerContract:
         self.config = Config.from_dict({"dataset": "omniglot", "algorithm": self.ALGORITHM,
                                         "way": WAY, "shot": SHOT, "query": QUERY,
                                         "num_filters": 16, "inner_lr": 0.4,
-                                        "meta_batch_size": TASKS, "meta_lr": 3e-3})
-        self.model = get_model(self.config)
-        self.learner = build_learner(self.config, self.model)
-        self.optimizer = keras.optimizers.Adam(self.config.meta_lr)
+                                        "meta_batch_size": TASKS, "meta_lr": 3e-3,
+                                        **self.OVERRIDES})
+        self.model, self.learner = self._build()
+        self.optimizer = make_optimizer(self.config)
         self.steps = train_inner_steps(self.config)
 
+    def _build(self):
+        model = get_model(self.config)
+        return model, build_learner(self.config, model, num_classes=CLASSES)
+
     def _train(self, episode, iterations):
-        variables = self.learner.net.variables
+        variables = self.learner.meta_variables
 
         @tf.function
-        def step(ep):
-            with tf.GradientTape() as tape:
-                loss, per_step = self.learner.meta_loss(self.learner.net.meta_weights(), ep, self.steps)
-            self.optimizer.apply(tape.gradient(loss, self.learner.net.meta_weights()), variables)
+        def step(ep, iteration, first_order):
+            loss, grads, per_step = self.learner.meta_gradient(
+                self.learner.meta_weights(), ep, self.steps, iteration, first_order)
+            self.optimizer.apply(grads, variables)
             return loss, per_step.loss, per_step.accuracy
-        return [step(episode) for _ in range(iterations)]
+        return [step(episode, tf.constant(i, tf.float32), self.learner.first_order_at(i))
+                for i in range(iterations)]
+
+    def _columns(self, steps):
+        return steps + 1 if self.learner.reports_inner_steps else 1
 
     def test_accuracy_at_initialisation_is_about_one_over_way(self):
+        # On noise every column (before and after adaptation) is at chance: nothing leaks
+        # from the query labels into the predictions.
         accs = []
         for seed in range(5):
-            _, per_step = self.learner.meta_loss(self.learner.net.meta_weights(),
+            _, per_step = self.learner.meta_loss(self.learner.meta_weights(),
+                                                 _noise_episode(seed), 2)
+            self.assertEqual(per_step.accuracy.shape, (TASKS, self._columns(2)))
+            accs.append(float(tf.reduce_mean(per_step.accuracy)))
+        self.assertAllClose(np.mean(accs), 1.0 / WAY, atol=0.12)
+
+    def test_accuracy_before_adaptation_is_about_one_over_way(self):
+        # Learnable tasks too: labels are permuted per task, so an unadapted network is at
+        # chance. (ProtoNets has no "before": its only classifier is built from the support.)
+        if not self.learner.reports_inner_steps:
+            self.skipTest("no pre-adaptation classifier (prototypes come from the support set)")
+        accs = []
+        for seed in range(5):
+            _, per_step = self.learner.meta_loss(self.learner.meta_weights(),
                                                  _separable_episode(seed), 0)
             accs.append(float(tf.reduce_mean(per_step.accuracy)))
         self.assertAllClose(np.mean(accs), 1.0 / WAY, atol=0.12)
@@ -76,27 +115,28 @@ class LearnerContract:
         self.assertGreater(final_acc, 0.95)
 
     def test_reports_metrics_for_every_inner_step(self):
-        _, per_step = self.learner.meta_loss(self.learner.net.meta_weights(),
+        _, per_step = self.learner.meta_loss(self.learner.meta_weights(),
                                              _separable_episode(3), 3)
-        self.assertEqual(per_step.loss.shape, (TASKS, 4))
-        self.assertEqual(per_step.accuracy.shape, (TASKS, 4))
+        self.assertEqual(per_step.loss.shape, (TASKS, self._columns(3)))
+        self.assertEqual(per_step.accuracy.shape, (TASKS, self._columns(3)))
+        self.assertTrue(np.all(np.isfinite(per_step.loss.numpy())))
 
     def test_save_restore_round_trip(self):
         self._train(_separable_episode(4), 2)
-        path = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer).save(
-            self.get_temp_dir() + "/ckpt")
-        saved = [v.numpy() for v in self.learner.net.variables]
+        path = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                   learner=self.learner).save(self.get_temp_dir() + "/ckpt")
+        saved = [v.numpy() for v in self.learner.meta_variables]
         keras.utils.set_random_seed(1)
-        model = get_model(self.config)
-        learner = build_learner(self.config, model)
-        optimizer = keras.optimizers.Adam(self.config.meta_lr)
-        optimizer.build(learner.net.variables)
-        tf.train.Checkpoint(model=model, optimizer=optimizer).restore(path).assert_consumed()
-        for a, b in zip(saved, learner.net.variables):
+        model, learner = self._build()
+        optimizer = make_optimizer(self.config)
+        optimizer.build(learner.meta_variables)
+        tf.train.Checkpoint(model=model, optimizer=optimizer, learner=learner).restore(
+            path).assert_consumed()
+        for a, b in zip(saved, learner.meta_variables):
             self.assertAllEqual(a, b.numpy())
         ep = _separable_episode(5)
-        a, _ = self.learner.meta_loss(self.learner.net.meta_weights(), ep, 1)
-        b, _ = learner.meta_loss(learner.net.meta_weights(), ep, 1)
+        a, _ = self.learner.meta_loss(self.learner.meta_weights(), ep, 1)
+        b, _ = learner.meta_loss(learner.meta_weights(), ep, 1)
         self.assertEqual(float(a), float(b))
 
 
@@ -116,3 +156,34 @@ class PretrainContractTest(LearnerContract, tf.test.TestCase):
 
     def test_trains_without_an_inner_loop(self):
         self.assertEqual(self.steps, 0)
+
+
+class ReptileContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "reptile"
+
+
+class ReptilePaperSettingsContractTest(LearnerContract, tf.test.TestCase):
+    """Reptile as the paper runs it: Adam (beta1 = 0) inside, SGD outside with an annealed
+    outer step size."""
+    ALGORITHM = "reptile"
+    OVERRIDES = {"inner_optimizer": "adam", "inner_lr": 0.01, "inner_steps": 3,
+                 "meta_optimizer": "sgd", "meta_lr": 1.0, "meta_lr_schedule": "linear",
+                 "num_iterations": 200}
+
+
+class MetaSgdContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "metasgd"
+
+
+class AnilContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "anil"
+
+
+class MamlPlusPlusContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "mamlpp"
+    OVERRIDES = {"inner_steps": 2, "lslr": True, "bnwb": True, "msl_iterations": 10,
+                 "da_iterations": 5, "meta_lr_schedule": "cosine", "num_iterations": 100}
+
+
+class ProtoNetContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "protonet"
