@@ -3,7 +3,8 @@ to a plain per-task loop, for the paper's configurations.
 
     python benchmarks/meta_step.py                       # every case, second and first order
     python benchmarks/meta_step.py --cases=omniglot_5w1s --orders=second
-    python benchmarks/meta_step.py --memory              # peak RSS vs inner steps (+ recompute)
+    python benchmarks/meta_step.py --memory              # peak RSS vs inner steps (+ recompute, chunks)
+    python benchmarks/meta_step.py --task_chunks=4       # meta-gradient in 4 sequential task chunks
 
 Each case runs in its own subprocess, so compile time and peak RSS are its own. GFLOP counts
 the matmuls of the optimized XLA program (see ``_counted_flops``). Episodes
@@ -76,7 +77,7 @@ def _counted_flops(learner, episode, steps, first_order):
             loss, _ = learner.meta_loss(weights, ep, steps, first_order)
         return tape.gradient(loss, weights)
 
-    weights = [tf.identity(w) for w in learner.net.meta_weights()]
+    weights = [tf.identity(w) for w in learner.meta_weights()]
     hlo = meta_grad.experimental_get_compiler_ir(weights, episode)(stage="optimized_hlo")
     shapes = {m.group(1): [int(d) for d in m.group(2).split(",") if d]
               for m in map(_SHAPE.match, hlo.splitlines()) if m}
@@ -96,29 +97,29 @@ def _loop_step(run, steps, first_order):
     """The baseline: the same meta-gradient, one task at a time, in a tf.function loop."""
     import tensorflow as tf
     from data.episode import Episode
-    learner, variables = run.learner, run.learner.net.variables
+    learner, variables = run.learner, run.learner.meta_variables
 
     @tf.function
     def step(ep):
         with tf.GradientTape() as tape:
             losses = []
             for t in range(ep.support_x.shape[0]):
-                task = Episode(*(x[t:t + 1] for x in ep))
-                losses.append(learner.meta_loss(learner.net.meta_weights(), task, steps,
+                task = Episode(*(x[t:t + 1] for x in ep[:4]))
+                losses.append(learner.meta_loss(learner.meta_weights(), task, steps,
                                                 first_order, track_steps=False)[0])
             loss = tf.add_n(losses) / len(losses)
-        run.optimizer.apply(tape.gradient(loss, learner.net.meta_weights()), variables)
+        run.optimizer.apply(tape.gradient(loss, learner.meta_weights()), variables)
         return loss
 
     return step
 
 
 def child(case: str, order: str, windows: int, window_steps: int, inner_steps: int | None,
-          recompute: bool, loop: bool, jit: bool = True) -> dict:
+          recompute: bool, loop: bool, jit: bool = True, task_chunks: int = 1) -> dict:
     from maml_tf import train_loop
     from maml_tf.config import Config
     values = dict(CASES[case], algorithm="fomaml" if order == "first" else "maml",
-                  inner_recompute=recompute, jit_compile=jit)
+                  inner_recompute=recompute, jit_compile=jit, task_chunks=task_chunks)
     if inner_steps is not None:
         values["inner_steps"] = inner_steps
     config = Config.from_dict(values)
@@ -133,6 +134,7 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flops = _counted_flops(run.learner, episode, config.inner_steps, config.first_order)
     out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
+           "task_chunks": task_chunks,
            "recompute": recompute, "meta_batch": config.meta_batch_size,
            "tasks_per_s": steps_per_s * config.meta_batch_size, "compile_s": compile_s,
            "peak_rss_mb": rss_mb, "gflop_per_step": flops / 1e9,
@@ -158,20 +160,20 @@ def _spawn(args: list[str]) -> dict:
 
 
 def _print_speed(rows):
-    print("| case | order | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | loop tasks/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | loop tasks/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['order']} | {r['tasks_per_s']:.0f} | {r['compile_s']:.1f} | "
+        print(f"| {r['case']} | {r['order']} | {r['task_chunks']} | {r['tasks_per_s']:.0f} | {r['compile_s']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
               f"{r.get('loop_tasks_per_s', float('nan')):.0f} | {r.get('speedup_vs_loop', float('nan')):.2f}x |")
 
 
 def _print_memory(rows):
-    print("| inner steps | XLA | recompute | peak RSS MB | tasks/s |")
-    print("|---|---|---|---|---|")
+    print("| inner steps | XLA | recompute | task chunks | peak RSS MB | tasks/s |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['inner_steps']} | {r['jit']} | {r['recompute']} | {r['peak_rss_mb']:.0f} | "
-              f"{r['tasks_per_s']:.0f} |")
+        print(f"| {r['inner_steps']} | {r['jit']} | {r['recompute']} | {r['task_chunks']} | "
+              f"{r['peak_rss_mb']:.0f} | {r['tasks_per_s']:.0f} |")
 
 
 def main():
@@ -189,17 +191,21 @@ def main():
     p.add_argument("--inner_steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no_jit", action="store_true", help="meta-step without XLA")
+    p.add_argument("--task_chunks", type=int, default=1,
+                   help="compute each meta-gradient in this many sequential chunks of tasks")
     a = p.parse_args()
-    common = [f"--windows={a.windows}", f"--window_steps={a.window_steps}"]
+    common = [f"--windows={a.windows}", f"--window_steps={a.window_steps}",
+              f"--task_chunks={a.task_chunks}"]
     if a.child:
         print(json.dumps(child(a.case, a.order, a.windows, a.window_steps, a.inner_steps,
-                               a.recompute, loop=not a.no_loop, jit=not a.no_jit)))
+                               a.recompute, loop=not a.no_loop, jit=not a.no_jit,
+                               task_chunks=a.task_chunks)))
         return
     if a.memory:
+        variants = [[], ["--recompute"], ["--task_chunks=4"]]
         rows = [_spawn([f"--case={a.memory_case}", f"--inner_steps={s}", "--no_loop",
-                        "--windows=3", "--window_steps=3"] + (["--recompute"] if rc else []) +
-                       (["--no_jit"] if a.no_jit else []))
-                for s in (1, 5, 10, 20) for rc in (False, True)]
+                        "--windows=3", "--window_steps=3"] + v + (["--no_jit"] if a.no_jit else []))
+                for s in (1, 5, 10, 20) for v in variants]
         _print_memory(rows)
         return
     rows = []

@@ -15,7 +15,7 @@ from maml_tf.config import Config, ConfigError
 # Keys that may change when a run is resumed (a longer schedule, more logging).
 RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
-                  "data_source", "inner_recompute", "cpu_devices"}
+                  "data_source", "inner_recompute", "cpu_devices", "task_chunks"}
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -33,6 +33,11 @@ def make_strategy(config) -> tf.distribute.Strategy:
         raise ConfigError(
             f"--meta_batch_size={config.meta_batch_size} cannot be split evenly over the "
             f"{replicas} replicas of --strategy={config.strategy}; use a multiple of {replicas}.")
+    if (config.meta_batch_size // replicas) % config.task_chunks:
+        raise ConfigError(
+            f"--task_chunks={config.task_chunks} does not divide the "
+            f"{config.meta_batch_size // replicas} tasks of each of the {replicas} replicas; "
+            "pick a divisor of --meta_batch_size / replicas.")
     return strategy
 
 

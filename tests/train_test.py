@@ -165,3 +165,64 @@ def test_the_chosen_split_is_written_to_the_workdir(omniglot_dir, tmp_path):
     train_loop.run(config, str(tmp_path))
     split = json.load(open(os.path.join(tmp_path, "split.json")))
     assert split["split"] == "vinyals" and len(split["train"]) == 1028 and len(split["test"]) == 423
+
+
+ALGORITHM_STATE_TAGS = {
+    "maml": [], "fomaml": [], "anil": [], "protonet": [], "pretrain": [], "reptile": [],
+    "metasgd": ["metasgd_lr_mean/conv4_conv0_kernel", "metasgd_lr_mean/conv4_head_bias"],
+    "mamlpp": ["lslr/conv4_conv0_kernel/step_0", "lslr/conv4_head_bias/step_1",
+               "msl_weight/step_1", "msl_weight/step_2"],
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHM_STATE_TAGS))
+def test_every_algorithm_trains_compiled_and_shows_its_state(algorithm, omniglot_dir, tmp_path):
+    extra = {"mamlpp": {"lslr": True, "bnwb": True, "msl_iterations": 2, "da_iterations": 1,
+                        "meta_lr_schedule": "cosine"},
+             "reptile": {"inner_optimizer": "adam", "meta_optimizer": "sgd", "meta_lr": 1.0,
+                         "meta_lr_schedule": "linear"}}.get(algorithm, {})
+    config = Config.from_dict({"dataset": "omniglot", "data_dir": omniglot_dir, "way": 3,
+                               "shot": 1, "num_filters": 8, "inner_steps": 2,
+                               "algorithm": algorithm, "inner_lr": 0.1, "meta_batch_size": 2,
+                               "num_iterations": 3, "log_every": 1, "eval_every": 3,
+                               "checkpoint_every": 3, "eval_tasks": 4, "val_tasks": 2, **extra})
+    workdir = str(tmp_path / algorithm)
+    results = train_loop.run(config, workdir)
+    accuracy = results["test"]["1shot"]["accuracy"]["mean"]
+    assert len(accuracy) == (1 if algorithm == "protonet" else 3)
+    assert all(np.isfinite(accuracy))
+    scalars, _ = _tags(os.path.join(workdir, "train"))
+    for tag in ["meta_loss", "learning_rate", "query_accuracy/step_0"] + ALGORITHM_STATE_TAGS[algorithm]:
+        assert tag in scalars, (tag, sorted(scalars))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile", "protonet"])
+def test_task_chunks_give_the_same_step(algorithm, tmp_path):
+    # Chunks of tasks run one after another in a while loop: only memory may change.
+    import tensorflow as tf
+    from data.episode import Episode
+    base = {"dataset": "omniglot", "way": 3, "shot": 1, "num_filters": 8, "inner_steps": 2,
+            "algorithm": algorithm, "inner_lr": 0.1, "meta_batch_size": 4}
+    rng = np.random.default_rng(0)
+    episode = Episode(tf.constant(rng.uniform(size=(4, 3, 28, 28, 1)).astype("float32")),
+                      tf.constant(np.tile([0, 1, 2], (4, 1)).astype("int32")),
+                      tf.constant(rng.uniform(size=(4, 3, 28, 28, 1)).astype("float32")),
+                      tf.constant(np.tile([0, 1, 2], (4, 1)).astype("int32")))
+    results = []
+    for chunks in (1, 2):
+        r = train_loop.build(Config.from_dict({**base, "task_chunks": chunks}),
+                             str(tmp_path / f"c{chunks}"))
+        out = train_loop.make_train_step(r)(episode)
+        results.append((out, [v.numpy() for v in r.learner.meta_variables]))
+    (a, wa), (b, wb) = results
+    np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(a["step_accuracy"].numpy(), b["step_accuracy"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-4)
+    for x, y in zip(wa, wb):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_task_chunks_must_divide_the_replica_batch(tmp_path):
+    with pytest.raises(ConfigError, match="--task_chunks=3 does not divide the 4 tasks"):
+        train_loop.build(Config.from_dict({**SMOKE, "meta_batch_size": 4, "task_chunks": 3}),
+                         str(tmp_path / "run"))
