@@ -61,6 +61,7 @@ class Config:
     min_meta_lr: float = 0.0
     lslr: bool = False
     bnwb: bool = False
+    bnrs: bool = False
     msl_iterations: int = 0
     da_iterations: int = 0
     meta_batch_size: int = 25
@@ -225,7 +226,8 @@ class Config:
 
 
     def _validate_algorithm(self) -> None:
-        mamlpp = {"lslr": self.lslr, "bnwb": self.bnwb, "msl_iterations": self.msl_iterations,
+        mamlpp = {"lslr": self.lslr, "bnwb": self.bnwb, "bnrs": self.bnrs,
+                  "msl_iterations": self.msl_iterations,
                   "da_iterations": self.da_iterations}
         used = [name for name, value in mamlpp.items() if value]
         if used and self.algorithm != "mamlpp":
@@ -234,6 +236,12 @@ class Config:
         if self.bnwb and (self.is_regression or self.norm == "none"):
             raise ConfigError("--bnwb learns per-step batch-norm weights, but this network has no "
                               "normalisation layers (sinusoid MLP or --norm=none); drop --bnwb.")
+        if self.bnrs and (self.is_regression or self.norm != "batch"):
+            raise ConfigError("--bnrs keeps per-step batch-norm statistics, but this network has "
+                              "no batch norm (sinusoid MLP or --norm other than batch); drop --bnrs.")
+        if self.bnrs and self.inner_recompute:
+            raise ConfigError("--bnrs records batch statistics in the forward pass, which "
+                              "--inner_recompute re-runs in the backward pass; use one of them.")
         if self.inner_optimizer == "adam" and self.algorithm != "reptile":
             raise ConfigError("--inner_optimizer=adam is Reptile's first-order inner loop; "
                               "use --algorithm=reptile, or --inner_optimizer=sgd.")

@@ -79,6 +79,8 @@ flags.DEFINE_float("min_meta_lr", _D.min_meta_lr, "Floor of the cosine schedule.
 flags.DEFINE_bool("lslr", _D.lslr, "Learned inner learning rates per layer (variable) and step.")
 flags.DEFINE_bool("bnwb", _D.bnwb, "Per-step normalisation weights and biases, meta-learned "
                   "and not adapted in the inner loop.")
+flags.DEFINE_bool("bnrs", _D.bnrs, "Per-step batch-norm running statistics, gathered in "
+                  "meta-training and used at evaluation instead of each task's batch statistics.")
 flags.DEFINE_integer("msl_iterations", _D.msl_iterations, "Multi-step loss: weight the query "
                      "loss after every inner step, annealed towards the last step over this "
                      "many iterations (0: off).")

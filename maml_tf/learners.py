@@ -7,13 +7,16 @@ fomaml     ``MetaLearner(first_order=True)``: the second-order term dropped
 reptile    ``Reptile`` (Nichol et al. 2018): pseudo-gradient towards adapted weights
 metasgd    ``MetaSGD`` (Li et al. 2017): a learned step size for every parameter
 anil       ``ANIL`` (Raghu et al. 2020): the inner loop adapts the head only
-mamlpp     ``MamlPlusPlus`` (Antoniou et al. 2019): LSLR, BNWB, MSL, DA (+ CA: a schedule)
+mamlpp     ``MamlPlusPlus`` (Antoniou et al. 2019): LSLR, BNWB, BNRS, MSL, DA (+ CA: a schedule)
 protonet   ``ProtoNet`` (Snell et al. 2017): nearest class mean of Conv-4 embeddings
 pretrain   ``Pretrain``: one network trained on all training classes, fine-tuned at test
 =========  ===========================================================================
 """
 
 from __future__ import annotations
+
+import dataclasses
+import types
 
 import keras
 import tensorflow as tf
@@ -114,6 +117,13 @@ class MamlPlusPlus(MetaLearner):
     lslr: a learned inner step size per variable and per step, ``[steps, variables]``.
     bnwb: per-step normalisation scale and offset, ``[steps + 1, C]`` per norm layer; step
       k's forward pass uses row k, and the inner loop does not adapt them.
+    bnrs: per-step batch-norm running statistics, ``[steps + 1, C]`` mean and variance per
+      batch-norm layer (the non-trainable ``state``): meta-training normalises with batch
+      statistics and folds each step's into row k (exponential average, ``BNRS_MOMENTUM``).
+      At evaluation the query after k steps is normalised with row k, so a query's
+      prediction no longer depends on the other queries; the support set, which is given,
+      still adapts with its own batch statistics (with running statistics there, the
+      meta-learned step sizes overshoot: measured, a trained episode fell to chance).
     msl_iterations: multi-step loss: the query loss after every step, weighted; the weights
       anneal from uniform to the last step over this many iterations (then the last only).
     da_iterations: first-order meta-gradients before this iteration, second order after.
@@ -121,9 +131,10 @@ class MamlPlusPlus(MetaLearner):
     """
 
     MIN_WEIGHT = 0.03   # MAML++'s floor of a non-final step's weight, times 1/steps
+    BNRS_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 
     def __init__(self, net: FunctionalModel, *args, steps: int, lslr: bool, bnwb: bool,
-                 msl_iterations: int, da_iterations: int, **kwargs):
+                 msl_iterations: int, da_iterations: int, bnrs: bool = False, **kwargs):
         super().__init__(net, *args, **kwargs)
         self.steps, self.msl_iterations, self.da_iterations = steps, msl_iterations, da_iterations
         extra = []
@@ -145,6 +156,62 @@ class MamlPlusPlus(MetaLearner):
                 extra.append(tf.Variable(tf.repeat(v.value[None], steps + 1, axis=0),
                                          name=f"bnwb_{_safe(v.path)}"))
         self.extra = extra
+        self.bnrs = bnrs
+        # During meta_gradient: {step: [per-layer (mean, var)] per forward pass}. A plain
+        # namespace, so that tf.Module does not try to track the traced tensors in it.
+        self._record = types.SimpleNamespace(calls=None, query=False)
+        if bnrs:
+            channels = net.batch_norm_channels()
+            if not channels:
+                raise ValueError("bnrs needs batch-norm layers in the network.")
+            self.state = [tf.Variable(init([steps + 1, c]), trainable=False, name=f"bnrs_{kind}{j}")
+                          for j, c in enumerate(channels)
+                          for kind, init in (("mean", tf.zeros), ("var", tf.ones))]
+
+    def forward_at(self, params, x, extra, step):
+        if not self.bnrs:
+            return super().forward_at(params, x, extra, step)
+        params, k = self.step_params(params, extra, step), min(step, self.steps)
+        if self._record.calls is None and not self._record.query:
+            return self._forward(params, x)   # evaluation, support set: its own statistics
+        if self._record.calls is None:        # evaluation, query: step k's running statistics
+            state = list(extra)[len(self.extra):]
+            stats = [(state[2 * j][k], state[2 * j + 1][k]) for j in range(len(state) // 2)]
+            return self._forward(params, x, norm_stats=stats)
+        collect = []                  # meta-training: batch statistics, recorded for step k
+        out = self._forward(params, x, collect=collect)
+        self._record.calls.setdefault(k, []).append(collect)
+        return out
+
+    def query_metrics(self, params, x, y, extra=(), step=0):
+        self._record.query = True
+        try:
+            return super().query_metrics(params, x, y, extra, step)
+        finally:
+            self._record.query = False
+
+    def meta_gradient(self, weights, episode, steps, iteration=None, first_order=None):
+        if not self.bnrs:
+            return super().meta_gradient(weights, episode, steps, iteration, first_order)
+        self._record.calls = {}
+        try:
+            loss, grads, per_step = super().meta_gradient(weights, episode, steps, iteration,
+                                                          first_order)
+            collected = self._record.calls
+        finally:
+            self._record.calls = None
+        state = self.split(weights)[1][len(self.extra):]
+        update = []
+        for i, current in enumerate(state):   # i = 2 * layer + (0: mean, 1: var)
+            rows = [tf.reduce_mean(tf.stack([call[i // 2][i % 2] for call in collected[k]]), 0)
+                    if k in collected else current[k] for k in range(self.steps + 1)]
+            update.append(tf.stack(rows))
+        return loss, grads, dataclasses.replace(per_step, state_update=update)
+
+    def update_state(self, values):
+        m = self.BNRS_MOMENTUM
+        for v, new in zip(self.state, values):
+            v.assign(m * v + (1.0 - m) * new)
 
     def inner_lr_for(self, index, step, extra, dtype):
         if self.lslr is None:
@@ -194,6 +261,8 @@ class MamlPlusPlus(MetaLearner):
             _scalar_summaries("msl_weight", {f"step_{k + 1}": w[k] for k in range(self.steps)}, step)
         for i, slot in self.norm_slots.items():
             tf.summary.histogram(f"bnwb/{_safe(self.net.variables[i].path)}", self.extra[slot], step=step)
+        for v in self.state:
+            tf.summary.histogram(f"bnrs/{_safe(v.name.split(':')[0])}", v, step=step)
 
 
 class ProtoNet(MetaLearner):
@@ -303,6 +372,7 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
         return MetaLearner(*args, **kwargs)
     if algorithm == "mamlpp":
         return MamlPlusPlus(*args, steps=config.inner_steps, lslr=config.lslr, bnwb=config.bnwb,
+                            bnrs=config.bnrs,
                             msl_iterations=config.msl_iterations,
                             da_iterations=config.da_iterations, **kwargs)
     if algorithm == "protonet":

@@ -26,9 +26,12 @@ class StepMetrics:
     """Query metrics of each task after 0..S inner steps.
 
     loss: ``[T, S + 1]``; accuracy: ``[T, S + 1]`` or None for regression.
+    state_update: new values for the learner's ``state`` variables, measured on this
+      meta-batch (MAML++'s per-step batch-norm statistics), or None.
     """
     loss: tf.Tensor
     accuracy: tf.Tensor | None
+    state_update: list | None = None
 
 
 class MetaLearner(tf.Module):
@@ -37,7 +40,8 @@ class MetaLearner(tf.Module):
 
     Meta-parameters are ``meta_variables``: the network's weights, then the algorithm's own
     learned tensors (``extra``: Meta-SGD's rates, MAML++'s per-step rates and norm weights).
-    Compiled code receives them as a list of tensors, ``weights``, in that order.
+    Compiled code receives them, then the non-trainable ``state`` (MAML++'s per-step
+    batch-norm statistics), as one list of tensors, ``weights``, in that order.
 
     Hooks for subclasses: ``inner_update`` (how fast weights move), ``step_params`` (what
     the network sees at inner step k), ``objective`` (how per-step query losses combine),
@@ -74,6 +78,7 @@ class MetaLearner(tf.Module):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}.")
         self.inner_optimizer = inner_optimizer
         self.extra: list[tf.Variable] = []
+        self.state: list[tf.Variable] = []
 
     # -- meta-parameters ----------------------------------------------------------------
     @property
@@ -82,11 +87,11 @@ class MetaLearner(tf.Module):
         return list(self.net.variables) + list(self.extra)
 
     def meta_weights(self) -> list[tf.Tensor]:
-        """The current values of ``meta_variables`` as tensors."""
-        return self.net.meta_weights() + [tf.convert_to_tensor(v) for v in self.extra]
+        """The current values of ``meta_variables`` and ``state`` as tensors."""
+        return self.net.meta_weights() + [tf.convert_to_tensor(v) for v in self.extra + self.state]
 
     def split(self, weights: Sequence[tf.Tensor]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-        """``weights`` -> (network weights, the algorithm's extra tensors)."""
+        """``weights`` -> (network weights, the algorithm's extra tensors then its state)."""
         n = len(self.net.variables)
         return list(weights[:n]), list(weights[n:])
 
@@ -128,13 +133,18 @@ class MetaLearner(tf.Module):
         weights). ``params`` are the fast weights ``[T, *shape]``."""
         return params
 
+    def forward_at(self, params: list[tf.Tensor], x: tf.Tensor, extra: Sequence[tf.Tensor],
+                   step: int) -> tf.Tensor:
+        """Outputs ``[T, N, ...]`` at inner step ``step`` for fast weights ``params``."""
+        return self._forward(self.step_params(params, list(extra), step), x)
+
     def support_grads(self, params: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
                       first_order: bool, extra: Sequence[tf.Tensor] = (),
                       step: int = 0) -> tuple[list[tf.Tensor], tf.Tensor]:
         """Gradient of each task's support loss w.r.t. its fast weights ``[T, *shape]``."""
         with tf.GradientTape() as tape:
             tape.watch(params)
-            out = self._forward(self.step_params(params, list(extra), step), x)
+            out = self.forward_at(params, x, extra, step)
             losses = self.loss_fn(out, y)
             total = tf.reduce_sum(losses)
         grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -171,18 +181,19 @@ class MetaLearner(tf.Module):
             trajectory.append(params)
         return trajectory
 
-    def _forward(self, params: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-        """Model outputs, in float32 whatever the compute dtype (losses stay accurate)."""
+    def _forward(self, params: list[tf.Tensor], x: tf.Tensor, **norm) -> tf.Tensor:
+        """Model outputs, in float32 whatever the compute dtype (losses stay accurate).
+        ``norm``: ``norm_stats`` / ``collect`` for ``FunctionalModel.apply``."""
         if self.compute_dtype is None:
-            return self.net.apply(params, x)
-        return tf.cast(self.net.apply(params, tf.cast(x, self.compute_dtype)), tf.float32)
+            return self.net.apply(params, x, **norm)
+        return tf.cast(self.net.apply(params, tf.cast(x, self.compute_dtype), **norm), tf.float32)
 
     # -- outer objective ----------------------------------------------------------------
     def query_metrics(self, params: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
                       extra: Sequence[tf.Tensor] = (),
                       step: int = 0) -> tuple[tf.Tensor, tf.Tensor | None]:
         """Per-task query loss ``[T]`` and metric ``[T]`` (or None) at fast weights ``params``."""
-        out = self._forward(self.step_params(params, list(extra), step), x)
+        out = self.forward_at(params, x, extra, step)
         metric = self.metric_fn(out, y) if self.metric_fn is not None else None
         return self.loss_fn(out, y), metric
 
@@ -241,6 +252,9 @@ class MetaLearner(tf.Module):
 
     def write_summaries(self, step: int) -> None:
         """Writes the algorithm's extra state (learned rates, loss weights) to TensorBoard."""
+
+    def update_state(self, values: list[tf.Tensor]) -> None:
+        """Folds a meta-batch's ``StepMetrics.state_update`` into ``state`` (train step)."""
 
 
 def recomputed(fn: Callable) -> Callable:

@@ -96,8 +96,9 @@ def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
 
 
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    """The outer learning rate now (a mirrored variable or a schedule's value)."""
     lr = optimizer.learning_rate
-    return float(lr(optimizer.iterations) if callable(lr) else lr)
+    return float(tf.convert_to_tensor(lr(optimizer.iterations) if callable(lr) else lr))
 
 
 def make_train_step(run: Run):
@@ -115,34 +116,38 @@ def make_train_step(run: Run):
         loss, grads, per_step = learner.meta_gradient(weights, episode, steps, iteration,
                                                       first_order)
         acc = per_step.accuracy if per_step.accuracy is not None else per_step.loss
-        return [loss, grads, tf.reduce_mean(per_step.loss, 0), tf.reduce_mean(acc, 0)]
+        # Only the meta-variables are trained; the learner's state gets its own update.
+        return [loss, grads[:len(variables)], tf.reduce_mean(per_step.loss, 0),
+                tf.reduce_mean(acc, 0), list(per_step.state_update or [])]
 
     @tf.function(jit_compile=config.jit_compile)
     def meta_gradient(weights, episode, iteration, first_order):
         fn = lambda ep: chunk_gradient(weights, ep, iteration, first_order)
         columns = steps + 1 if learner.reports_inner_steps else 1
-        loss, grads, step_loss, step_acc = (
+        loss, grads, step_loss, step_acc, state = (
             fn(episode) if config.task_chunks == 1 else
-            _sum_over_chunks(fn, episode, config.task_chunks, weights, columns))
+            _sum_over_chunks(fn, episode, config.task_chunks, weights, len(variables), columns))
         # Each replica averages over its 1/R share of the meta-batch; dividing by R
         # makes the SUM all-reduce below the mean over all tasks of the global batch.
         grads = [g / replicas for g in grads]
-        return loss, grads, step_loss, step_acc
+        return loss, grads, step_loss, step_acc, state
 
     def replica_fn(episode, iteration, first_order):
         # Weights enter the XLA cluster as tensors read on this replica's device: XLA
         # cannot use a mirrored variable's copy that lives on another (logical) device.
-        loss, grads, step_loss, step_acc = meta_gradient(
+        loss, grads, step_loss, step_acc, state = meta_gradient(
             [tf.identity(w) for w in learner.meta_weights()], episode, iteration, first_order)
         # All-reduce here, in the replica context, so every replica holds the global values.
         ctx = tf.distribute.get_replica_context()
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        loss, step_loss, step_acc = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
-                                                   [loss, step_loss, step_acc])
-        return loss, grads, step_loss, step_acc
+        loss, step_loss, step_acc, state = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                                          [loss, step_loss, step_acc, state])
+        return loss, grads, step_loss, step_acc, state
 
-    def apply(grads):
+    def apply(grads, state):
         run.optimizer.apply(grads, variables)
+        if state:
+            learner.update_state(state)
         return tf.constant(True)
 
     @tf.function
@@ -152,7 +157,7 @@ def make_train_step(run: Run):
         reduced = strategy.run(lambda ep, it: replica_fn(ep, it, first_order),
                                args=(episode, iteration))
         # Every replica holds the same all-reduced values: take replica 0's.
-        loss, grads, step_loss, step_acc = tf.nest.map_structure(
+        loss, grads, step_loss, step_acc, state = tf.nest.map_structure(
             lambda v: strategy.experimental_local_results(v)[0], reduced)
         grad_norm = tf.linalg.global_norm(grads)
         ok = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
@@ -160,7 +165,7 @@ def make_train_step(run: Run):
             grads, _ = tf.clip_by_global_norm(grads, config.grad_clip, use_norm=grad_norm)
         # A non-finite update is never applied, so the weights (and every checkpoint) stay
         # finite; the host then fails or skips as --on_nan says.
-        tf.cond(ok, lambda: apply(grads), lambda: tf.constant(False))
+        tf.cond(ok, lambda: apply(grads, state), lambda: tf.constant(False))
         run.step.assign_add(1)
         out = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - tf.cast(ok, tf.float32),
                "step_loss": step_loss}
@@ -171,7 +176,7 @@ def make_train_step(run: Run):
     return train_step
 
 
-def _sum_over_chunks(fn, episode, chunks: int, weights, columns: int):
+def _sum_over_chunks(fn, episode, chunks: int, weights, trained: int, columns: int):
     """The mean of ``fn`` over ``chunks`` equal slices of the episode's tasks, computed one
     slice after another in a while loop, so that only one slice's activations are alive
     (the peak memory of the second-order step shrinks with the chunk size)."""
@@ -183,8 +188,8 @@ def _sum_over_chunks(fn, episode, chunks: int, weights, columns: int):
         out = fn(tf.nest.map_structure(lambda t: None if t is None else t[i], parts))
         return i + 1, tf.nest.map_structure(lambda a, o: a + o / chunks, acc, out)
 
-    zeros = [tf.zeros([]), [tf.zeros_like(w) for w in weights], tf.zeros([columns]),
-             tf.zeros([columns])]
+    zeros = [tf.zeros([]), [tf.zeros_like(w) for w in weights[:trained]], tf.zeros([columns]),
+             tf.zeros([columns]), [tf.zeros_like(w) for w in weights[trained:]]]
     _, acc = tf.while_loop(lambda i, _: i < chunks, body, (tf.constant(0), zeros))
     return acc
 

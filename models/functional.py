@@ -49,10 +49,18 @@ class FunctionalModel:
     def meta_weights(self) -> list[tf.Tensor]:
         return [v.value for v in self.variables]
 
-    def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool = True) -> tf.Tensor:
-        """params: ``[T, *shape]`` per variable; x: ``[T, N, ...]`` -> ``[T, N, out]``."""
+    def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool = True,
+              norm_stats: Sequence | None = None, collect: list | None = None) -> tf.Tensor:
+        """params: ``[T, *shape]`` per variable; x: ``[T, N, ...]`` -> ``[T, N, out]``.
+
+        norm_stats: optional ``(mean [C], var [C])`` for each batch-norm layer in order, used
+        instead of batch statistics; collect: a list that receives each batch-norm layer's
+        batch ``(mean, var)``. Both need the fast path.
+        """
         if self.batched:
-            return _apply_layers(self._layers, params, x, training)
+            return _apply_layers(self._layers, params, x, training, norm_stats, collect)
+        if norm_stats is not None or collect is not None:
+            self._require_batched("norm_stats / collect")
         outs = []
         for t in range(x.shape[0]):
             y, _ = self.model.stateless_call([p[t] for p in params],
@@ -72,6 +80,11 @@ class FunctionalModel:
         """The layer that owns each entry of ``variables`` (same order)."""
         self._require_batched("param_layers")
         return [layer for layer in self._layers for _ in layer.trainable_variables]
+
+    def batch_norm_channels(self) -> list[int]:
+        """Channels of each ``BatchNorm`` layer, in order (for per-layer running statistics)."""
+        self._require_batched("batch_norm_channels")
+        return [int(layer.gamma.shape[0]) for layer in self._layers if isinstance(layer, L.BatchNorm)]
 
     def split_head(self) -> tuple["LayerStack", "LayerStack"]:
         """(body, head): the head is the last layer with weights (the classifier), the
@@ -96,11 +109,16 @@ class LayerStack:
         return _apply_layers(self._layers, params, x, training)
 
 
-def _apply_layers(layers, params, x, training):
-    i = 0
+def _apply_layers(layers, params, x, training, norm_stats=None, collect=None):
+    i, j = 0, 0
     for layer in layers:
         n = len(layer.trainable_variables)
-        x = layer.batched_apply(list(params[i:i + n]), x, training)
+        if isinstance(layer, L.BatchNorm) and (norm_stats is not None or collect is not None):
+            stats = norm_stats[j] if norm_stats is not None else None
+            x = layer.batched_apply(list(params[i:i + n]), x, training, stats, collect)
+            j += 1
+        else:
+            x = layer.batched_apply(list(params[i:i + n]), x, training)
         i += n
     return x
 

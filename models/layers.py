@@ -107,12 +107,24 @@ class _Normalization(TaskBatchedLayer):
         self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
 
-    def batched_apply(self, params, x, training=True):
+    def batched_apply(self, params, x, training=True, stats=None, collect=None):
+        """``stats``: optional ``(mean [C], var [C])`` used instead of the batch's own (running
+        statistics; only for batch norm). ``collect``: a list that receives this call's batch
+        ``(mean [C], var [C])``, averaged over tasks."""
         gamma, beta = params
         axes = self.axes(x)
-        centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
-        var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
         shape = [-1] + [1] * (x.shape.rank - 2) + [x.shape[-1]]
+        if stats is not None:
+            mean, var = (tf.cast(tf.reshape(s, [1] * (x.shape.rank - 1) + [-1]), x.dtype)
+                         for s in stats)
+            centred = x - mean
+        else:
+            centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
+            var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
+        if collect is not None:
+            reduce = list(range(x.shape.rank - 1))
+            collect.append((tf.reduce_mean(tf.stop_gradient(x), axis=reduce),
+                            tf.reduce_mean(tf.stop_gradient(var), axis=reduce)))
         scale = tf.reshape(gamma, shape) * tf.math.rsqrt(var + self.epsilon)
         return centred * scale + tf.reshape(beta, shape)
 

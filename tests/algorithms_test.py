@@ -247,6 +247,30 @@ class MamlPlusPlusTest(tf.test.TestCase):
             else:
                 self.assertAllClose(a, b, rtol=1e-4, atol=1e-6)
 
+    def test_bnrs_makes_each_query_prediction_independent_of_the_other_queries(self):
+        def query_losses(bnrs):
+            config = _config("mamlpp", inner_steps=2, bnrs=bnrs)
+            keras.utils.set_random_seed(0)
+            learner = build_learner(config, get_model(config))
+            ep = _episode(11)
+            if bnrs:   # a meta-training step fills the running statistics
+                _, _, per_step = learner.meta_gradient(learner.meta_weights(), ep, 2)
+                self.assertLen(per_step.state_update, 8)   # mean and variance of 4 layers
+                learner.update_state(per_step.state_update)
+                self.assertGreater(float(tf.reduce_max(tf.abs(learner.state[0]))), 0)
+            weights = learner.meta_weights()
+            fast = learner.adapt(weights, ep.support_x, ep.support_y, 2)[-1]
+            extra = learner.split(weights)[1]
+            loss = lambda x, y: learner.query_metrics(fast, x, y, extra, 2)[0].numpy()
+            qx, qy = ep.query_x, ep.query_y
+            together = loss(qx[:, :2], qy[:, :2])
+            apart = (loss(qx[:, :1], qy[:, :1]) + loss(qx[:, 1:2], qy[:, 1:2])) / 2
+            return together, apart
+        together, apart = query_losses(bnrs=True)
+        self.assertAllClose(together, apart, rtol=1e-5)
+        together, apart = query_losses(bnrs=False)      # batch statistics mix the queries
+        self.assertGreater(float(np.max(np.abs(together - apart))), 1e-3)
+
     def test_msl_weights_anneal_from_uniform_to_the_last_step(self):
         config = _config("mamlpp", inner_steps=4, msl_iterations=100)
         learner = build_learner(config, get_model(config))

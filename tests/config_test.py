@@ -50,7 +50,8 @@ def test_flagfile_round_trip_rebuilds_the_same_config(tmp_path):
 def test_runs_flagfiles_parse(cfg, monkeypatch):
     monkeypatch.chdir(ROOT)
     config, _ = parse([f"--flagfile={os.path.relpath(cfg, ROOT)}"])
-    assert config.num_iterations >= 60000 or "sinusoid" in cfg
+    # Paper-scale schedules (MAML++'s is 100 epochs x 500 iterations).
+    assert config.num_iterations >= 50000 or "sinusoid" in cfg
 
 
 def test_flags_after_a_flagfile_override_it(monkeypatch):

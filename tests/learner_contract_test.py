@@ -72,7 +72,9 @@ class LearnerContract:
         def step(ep, iteration, first_order):
             loss, grads, per_step = self.learner.meta_gradient(
                 self.learner.meta_weights(), ep, self.steps, iteration, first_order)
-            self.optimizer.apply(grads, variables)
+            self.optimizer.apply(grads[:len(variables)], variables)
+            if per_step.state_update is not None:
+                self.learner.update_state(per_step.state_update)
             return loss, per_step.loss, per_step.accuracy
         return [step(episode, tf.constant(i, tf.float32), self.learner.first_order_at(i))
                 for i in range(iterations)]
@@ -113,6 +115,10 @@ class LearnerContract:
         history = self._train(episode, 60)
         final_acc = float(tf.reduce_mean(history[-1][2][:, -1]))
         self.assertGreater(final_acc, 0.95)
+        # ... and so does the learner's evaluation path (which may use learned state).
+        _, per_step = self.learner.meta_loss(self.learner.meta_weights(), episode,
+                                             max(self.steps, 1))
+        self.assertGreater(float(tf.reduce_mean(per_step.accuracy[:, -1])), 0.9)
 
     def test_reports_metrics_for_every_inner_step(self):
         _, per_step = self.learner.meta_loss(self.learner.meta_weights(),
@@ -181,8 +187,9 @@ class AnilContractTest(LearnerContract, tf.test.TestCase):
 
 class MamlPlusPlusContractTest(LearnerContract, tf.test.TestCase):
     ALGORITHM = "mamlpp"
-    OVERRIDES = {"inner_steps": 2, "lslr": True, "bnwb": True, "msl_iterations": 10,
-                 "da_iterations": 5, "meta_lr_schedule": "cosine", "num_iterations": 100}
+    OVERRIDES = {"inner_steps": 2, "lslr": True, "bnwb": True, "bnrs": True,
+                 "msl_iterations": 10, "da_iterations": 5, "meta_lr_schedule": "cosine",
+                 "num_iterations": 100}
 
 
 class ProtoNetContractTest(LearnerContract, tf.test.TestCase):

@@ -171,13 +171,15 @@ ALGORITHM_STATE_TAGS = {
     "maml": [], "fomaml": [], "anil": [], "protonet": [], "pretrain": [], "reptile": [],
     "metasgd": ["metasgd_lr_mean/conv4_conv0_kernel", "metasgd_lr_mean/conv4_head_bias"],
     "mamlpp": ["lslr/conv4_conv0_kernel/step_0", "lslr/conv4_head_bias/step_1",
-               "msl_weight/step_1", "msl_weight/step_2"],
+               "msl_weight/step_1", "msl_weight/step_2", "bnwb/conv4_batchnorm0_gamma",
+               "bnrs/bnrs_mean0"],
 }
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHM_STATE_TAGS))
 def test_every_algorithm_trains_compiled_and_shows_its_state(algorithm, omniglot_dir, tmp_path):
-    extra = {"mamlpp": {"lslr": True, "bnwb": True, "msl_iterations": 2, "da_iterations": 1,
+    extra = {"mamlpp": {"lslr": True, "bnwb": True, "bnrs": True, "msl_iterations": 2,
+                        "da_iterations": 1,
                         "meta_lr_schedule": "cosine"},
              "reptile": {"inner_optimizer": "adam", "meta_optimizer": "sgd", "meta_lr": 1.0,
                          "meta_lr_schedule": "linear"}}.get(algorithm, {})
