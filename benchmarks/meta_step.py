@@ -5,6 +5,7 @@ to a plain per-task loop, for the paper's configurations.
     python benchmarks/meta_step.py --cases=omniglot_5w1s --orders=second
     python benchmarks/meta_step.py --memory              # peak RSS vs inner steps (+ recompute, chunks)
     python benchmarks/meta_step.py --task_chunks=4       # meta-gradient in 4 sequential task chunks
+    python benchmarks/meta_step.py --algorithms=maml,reptile,protonet   # runs/omniglot_5w1s_*.cfg
 
 Each case runs in its own subprocess, so compile time and peak RSS are its own. GFLOP counts
 the matmuls of the optimized XLA program (see ``_counted_flops``). Episodes
@@ -46,7 +47,8 @@ def _episode(config):
     t, ns, nq = config.meta_batch_size, config.way * config.shot, config.way * config.queries
     img = lambda n: tf.constant(rng.uniform(size=(t, n) + config.image_shape).astype("float32"))
     lab = lambda n: tf.constant(rng.integers(0, config.way, size=(t, n)).astype("int32"))
-    return Episode(img(ns), lab(ns), img(nq), lab(nq))
+    classes = np.stack([rng.permutation(100)[:config.way] for _ in range(t)]).astype("int32")
+    return Episode(img(ns), lab(ns), img(nq), lab(nq), tf.constant(classes))
 
 
 def _time_windows(fn, episode, windows, steps):
@@ -148,6 +150,41 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
     return out
 
 
+def algorithm_child(algorithm: str, windows: int, window_steps: int) -> dict:
+    """The train step of ``runs/omniglot_5w1s_<algorithm>.cfg`` exactly as configured there."""
+    from absl import flags
+    from maml_tf import flags as maml_flags, train_loop
+    from maml_tf.config import Config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = os.path.join(root, "runs", "omniglot_5w1s" + ("" if algorithm == "maml" else f"_{algorithm}") + ".cfg")
+    os.chdir(root)
+    flags.FLAGS(["bench", f"--flagfile={cfg}"])
+    data_dir = os.environ.get("MAML_TF_DATA_DIR") or os.path.join(root, "..", "shared", "data", "omniglot")
+    config = Config.from_dict({**maml_flags.config_from_flags(flags.FLAGS).to_dict(),
+                               "data_dir": data_dir})
+    run = train_loop.build(config, tempfile.mkdtemp(prefix="bench-"))
+    episode = _episode(config)
+    step = train_loop.make_train_step(run)
+    t0 = time.perf_counter()
+    float(step(episode)["loss"])
+    compile_s = time.perf_counter() - t0
+    _time_windows(step, episode, 1, window_steps)
+    steps_per_s = _time_windows(step, episode, windows, window_steps)
+    from maml_tf.learners import train_inner_steps
+    return {"algorithm": algorithm, "meta_batch": config.meta_batch_size,
+            "inner_steps": train_inner_steps(config), "tasks_per_s": steps_per_s * config.meta_batch_size,
+            "compile_s": compile_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _print_algorithms(rows):
+    print("| algorithm | meta-batch | inner steps (train) | tasks/s | compile s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['algorithm']} | {r['meta_batch']} | {r['inner_steps']} | "
+              f"{r['tasks_per_s']:.0f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
 # -- parent: run the children, print the table --------------------------------------------------
 def _spawn(args: list[str]) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -185,6 +222,9 @@ def main():
     p.add_argument("--memory", action="store_true", help="peak RSS at 1/5/10/20 inner steps")
     p.add_argument("--memory_case", default="omniglot_5w1s")
     p.add_argument("--no_loop", action="store_true", help="skip the per-task loop baseline")
+    p.add_argument("--algorithms", help="comma-separated algorithms: time the train step of "
+                   "each runs/omniglot_5w1s_<algorithm>.cfg (maml: omniglot_5w1s.cfg)")
+    p.add_argument("--algorithm", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--order", default="second", help=argparse.SUPPRESS)
@@ -196,6 +236,14 @@ def main():
     a = p.parse_args()
     common = [f"--windows={a.windows}", f"--window_steps={a.window_steps}",
               f"--task_chunks={a.task_chunks}"]
+    if a.child and a.algorithm:
+        print(json.dumps(algorithm_child(a.algorithm, a.windows, a.window_steps)))
+        return
+    if a.algorithms:
+        rows = [_spawn([f"--algorithm={name}", f"--windows={a.windows}",
+                        f"--window_steps={a.window_steps}"]) for name in a.algorithms.split(",")]
+        _print_algorithms(rows)
+        return
     if a.child:
         print(json.dumps(child(a.case, a.order, a.windows, a.window_steps, a.inner_steps,
                                a.recompute, loop=not a.no_loop, jit=not a.no_jit,
