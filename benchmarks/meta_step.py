@@ -51,6 +51,20 @@ def _episode(config):
     return Episode(img(ns), lab(ns), img(nq), lab(nq), tf.constant(classes))
 
 
+def _measure(config, windows: int, window_steps: int):
+    """Builds the run's train step; returns (run, episode, step, compile s, steps/s), the
+    rate being the median of ``windows`` after one warm-up window."""
+    from maml_tf import train_loop
+    run = train_loop.build(config, tempfile.mkdtemp(prefix="bench-"))
+    episode = _episode(config)
+    step = train_loop.make_train_step(run)
+    t0 = time.perf_counter()
+    float(step(episode)["loss"])
+    compile_s = time.perf_counter() - t0
+    _time_windows(step, episode, 1, window_steps)   # warm-up window
+    return run, episode, step, compile_s, _time_windows(step, episode, windows, window_steps)
+
+
 def _time_windows(fn, episode, windows, steps):
     rates = []
     for _ in range(windows):
@@ -125,14 +139,7 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
     if inner_steps is not None:
         values["inner_steps"] = inner_steps
     config = Config.from_dict(values)
-    run = train_loop.build(config, tempfile.mkdtemp(prefix="bench-"))
-    episode = _episode(config)
-    step = train_loop.make_train_step(run)
-    t0 = time.perf_counter()
-    float(step(episode)["loss"])
-    compile_s = time.perf_counter() - t0
-    _time_windows(step, episode, 1, window_steps)   # warm-up window
-    steps_per_s = _time_windows(step, episode, windows, window_steps)
+    run, episode, step, compile_s, steps_per_s = _measure(config, windows, window_steps)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flops = _counted_flops(run.learner, episode, config.inner_steps, config.first_order)
     out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
@@ -162,14 +169,7 @@ def algorithm_child(algorithm: str, windows: int, window_steps: int) -> dict:
     data_dir = os.environ.get("MAML_TF_DATA_DIR") or os.path.join(root, "..", "shared", "data", "omniglot")
     config = Config.from_dict({**maml_flags.config_from_flags(flags.FLAGS).to_dict(),
                                "data_dir": data_dir})
-    run = train_loop.build(config, tempfile.mkdtemp(prefix="bench-"))
-    episode = _episode(config)
-    step = train_loop.make_train_step(run)
-    t0 = time.perf_counter()
-    float(step(episode)["loss"])
-    compile_s = time.perf_counter() - t0
-    _time_windows(step, episode, 1, window_steps)
-    steps_per_s = _time_windows(step, episode, windows, window_steps)
+    _, _, _, compile_s, steps_per_s = _measure(config, windows, window_steps)
     from maml_tf.learners import train_inner_steps
     return {"algorithm": algorithm, "meta_batch": config.meta_batch_size,
             "inner_steps": train_inner_steps(config), "tasks_per_s": steps_per_s * config.meta_batch_size,

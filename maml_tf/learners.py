@@ -55,7 +55,8 @@ class Reptile(MetaLearner):
         grads = [w - tf.cast(tf.reduce_mean(phi, axis=0), w.dtype)
                  for w, phi in zip(net_weights, trajectory[-1])]
         per_step = self.score(trajectory, episode, extra)
-        return self.objective(per_step.loss, iteration), grads + [tf.zeros_like(e) for e in extra], per_step
+        loss = tf.reduce_mean(per_step.loss[:, -1])   # for logging: no gradient is taken
+        return loss, grads + [tf.zeros_like(e) for e in extra], per_step
 
 
 class MetaSGD(MetaLearner):
@@ -239,11 +240,12 @@ class MamlPlusPlus(MetaLearner):
 
     def objective(self, step_losses, iteration):
         if not self.msl_iterations or iteration is None or self.steps < 2 or \
-                step_losses.shape[1] != self.steps + 1:
+                len(step_losses) != self.steps + 1:
             return super().objective(step_losses, iteration)
-        weighted = tf.reduce_sum(self.msl_weights(iteration) * tf.reduce_mean(step_losses[:, 1:], 0))
+        weights = tf.unstack(self.msl_weights(iteration))
+        weighted = tf.add_n([w * tf.reduce_mean(l) for w, l in zip(weights, step_losses[1:])])
         return tf.where(tf.cast(iteration, tf.float32) < self.msl_iterations, weighted,
-                        tf.reduce_mean(step_losses[:, -1]))
+                        tf.reduce_mean(step_losses[-1]))
 
     def first_order_at(self, iteration):
         return self.first_order or iteration < self.da_iterations

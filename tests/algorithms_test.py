@@ -280,7 +280,7 @@ class MamlPlusPlusTest(tf.test.TestCase):
             self.assertAllClose(learner.msl_weights(tf.constant(it)).numpy().sum(), 1.0)
         late = learner.msl_weights(tf.constant(99.0)).numpy()
         self.assertAllClose(late[:3], [0.03 / 4] * 3)
-        step_losses = tf.constant([[9.0, 4.0, 3.0, 2.0, 1.0], [7.0, 2.0, 2.0, 2.0, 3.0]])
+        step_losses = tf.unstack(tf.constant([[9.0, 4.0, 3.0, 2.0, 1.0], [7.0, 2.0, 2.0, 2.0, 3.0]]), axis=1)
         self.assertAllClose(learner.objective(step_losses, tf.constant(0.0)),
                             np.mean([3.0, 2.5, 2.0, 2.0]))
         self.assertAllClose(learner.objective(step_losses, tf.constant(100.0)), 2.0)
