@@ -90,9 +90,7 @@ class ANIL(MetaLearner):
     def _features(self, weights, episode: Episode) -> tuple[list, Episode]:
         nb = len(self.body.variables)
         body = tile_for_tasks(weights[:nb], episode.support_x.shape[0])
-        if self.compute_dtype is not None:
-            body = [tf.cast(w, self.compute_dtype) for w in body]
-        embed = lambda x: tf.cast(self.body.apply(body, tf.cast(x, body[0].dtype)), tf.float32)
+        embed = lambda x: self.apply_in_compute_dtype(self.body, body, x)
         return body, episode._replace(support_x=embed(episode.support_x),
                                       query_x=embed(episode.query_x))
 
@@ -289,9 +287,7 @@ class ProtoNet(MetaLearner):
                   iteration=None):
         nb = len(self.body.variables)
         body = tile_for_tasks(weights[:nb], episode.support_x.shape[0])
-        if self.compute_dtype is not None:
-            body = [tf.cast(w, self.compute_dtype) for w in body]
-        embed = lambda x: tf.cast(self.body.apply(body, tf.cast(x, body[0].dtype)), tf.float32)
+        embed = lambda x: self.apply_in_compute_dtype(self.body, body, x)
         zs, zq = embed(episode.support_x), embed(episode.query_x)        # [T, N, D]
         onehot = tf.one_hot(episode.support_y, self.way)                 # [T, Ns, way]
         protos = tf.matmul(onehot, zs, transpose_a=True) / tf.reduce_sum(onehot, 1)[..., None]
@@ -345,17 +341,11 @@ class Pretrain(MetaLearner):
             y = tf.gather(episode.classes, tf.concat([episode.support_y, episode.query_y], 1),
                           batch_dims=1)
             body = tile_for_tasks(net_weights[:nb], x.shape[0])
-            logits = tf.matmul(self._forward_body(body, x), kernel) + bias
+            logits = tf.matmul(self.apply_in_compute_dtype(self.body, body, x), kernel) + bias
             task_loss = self.loss_fn(logits, y)
             loss = tf.reduce_mean(task_loss)
         grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return loss, grads, StepMetrics(task_loss[:, None], self.metric_fn(logits, y)[:, None])
-
-    def _forward_body(self, params, x):
-        if self.compute_dtype is None:
-            return self.body.apply(params, x)
-        params = [tf.cast(p, self.compute_dtype) for p in params]
-        return tf.cast(self.body.apply(params, tf.cast(x, self.compute_dtype)), tf.float32)
 
 
 def build_learner(config, model: keras.Model, num_classes: int | None = None) -> MetaLearner:

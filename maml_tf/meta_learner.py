@@ -184,9 +184,16 @@ class MetaLearner(tf.Module):
     def _forward(self, params: list[tf.Tensor], x: tf.Tensor, **norm) -> tf.Tensor:
         """Model outputs, in float32 whatever the compute dtype (losses stay accurate).
         ``norm``: ``norm_stats`` / ``collect`` for ``FunctionalModel.apply``."""
+        return self.apply_in_compute_dtype(self.net, params, x, **norm)
+
+    def apply_in_compute_dtype(self, stack, params: Sequence[tf.Tensor], x: tf.Tensor,
+                               **kwargs) -> tf.Tensor:
+        """``stack.apply(params, x)`` (a ``FunctionalModel`` or a ``LayerStack`` of it) in the
+        compute dtype; outputs float32."""
         if self.compute_dtype is None:
-            return self.net.apply(params, x, **norm)
-        return tf.cast(self.net.apply(params, tf.cast(x, self.compute_dtype), **norm), tf.float32)
+            return stack.apply(params, x, **kwargs)
+        params = [tf.cast(p, self.compute_dtype) for p in params]
+        return tf.cast(stack.apply(params, tf.cast(x, self.compute_dtype), **kwargs), tf.float32)
 
     # -- outer objective ----------------------------------------------------------------
     def query_metrics(self, params: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
