@@ -221,6 +221,8 @@ def main():
     p.add_argument("--window_steps", type=int, default=10)
     p.add_argument("--memory", action="store_true", help="peak RSS at 1/5/10/20 inner steps")
     p.add_argument("--memory_case", default="omniglot_5w1s")
+    p.add_argument("--memory_variants", default="plain,recompute,chunks",
+                   help="with --memory: plain, recompute (--inner_recompute), chunks (4 task chunks)")
     p.add_argument("--no_loop", action="store_true", help="skip the per-task loop baseline")
     p.add_argument("--algorithms", help="comma-separated algorithms: time the train step of "
                    "each runs/omniglot_5w1s_<algorithm>.cfg (maml: omniglot_5w1s.cfg)")
@@ -250,10 +252,11 @@ def main():
                                task_chunks=a.task_chunks)))
         return
     if a.memory:
-        variants = [[], ["--recompute"], ["--task_chunks=4"]]
+        variants = {"plain": [], "recompute": ["--recompute"], "chunks": ["--task_chunks=4"]}
         rows = [_spawn([f"--case={a.memory_case}", f"--inner_steps={s}", "--no_loop",
-                        "--windows=3", "--window_steps=3"] + v + (["--no_jit"] if a.no_jit else []))
-                for s in (1, 5, 10, 20) for v in variants]
+                        "--windows=3", "--window_steps=3"] + variants[v] +
+                       (["--no_jit"] if a.no_jit else []))
+                for s in (1, 5, 10, 20) for v in a.memory_variants.split(",")]
         _print_memory(rows)
         return
     rows = []
