@@ -132,7 +132,6 @@ def _loop_step(run, steps, first_order):
 
 def child(case: str, order: str, windows: int, window_steps: int, inner_steps: int | None,
           recompute: bool, loop: bool, jit: bool = True, task_chunks: int = 1) -> dict:
-    from maml_tf import train_loop
     from maml_tf.config import Config
     values = dict(CASES[case], algorithm="fomaml" if order == "first" else "maml",
                   inner_recompute=recompute, jit_compile=jit, task_chunks=task_chunks)
@@ -160,7 +159,7 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
 def algorithm_child(algorithm: str, windows: int, window_steps: int) -> dict:
     """The train step of ``runs/omniglot_5w1s_<algorithm>.cfg`` exactly as configured there."""
     from absl import flags
-    from maml_tf import flags as maml_flags, train_loop
+    from maml_tf import flags as maml_flags
     from maml_tf.config import Config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = os.path.join(root, "runs", "omniglot_5w1s" + ("" if algorithm == "maml" else f"_{algorithm}") + ".cfg")
