@@ -131,14 +131,16 @@ class LearnerContract:
         self._train(_separable_episode(4), 2)
         path = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                    learner=self.learner).save(self.get_temp_dir() + "/ckpt")
-        saved = [v.numpy() for v in self.learner.meta_variables]
+        saved = [w.numpy() for w in self.learner.meta_weights()]   # with the learner's state
         keras.utils.set_random_seed(1)
         model, learner = self._build()
         optimizer = make_optimizer(self.config)
         optimizer.build(learner.meta_variables)
         tf.train.Checkpoint(model=model, optimizer=optimizer, learner=learner).restore(
             path).assert_consumed()
-        for a, b in zip(saved, learner.meta_variables):
+        restored = learner.meta_weights()
+        self.assertLen(restored, len(saved))
+        for a, b in zip(saved, restored):
             self.assertAllEqual(a, b.numpy())
         ep = _separable_episode(5)
         a, _ = self.learner.meta_loss(self.learner.meta_weights(), ep, 1)
