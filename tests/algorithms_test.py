@@ -93,6 +93,22 @@ def _fd_check(test, learner, episode, steps, index, eps=1e-6):
     test.assertAllClose(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 
+def _equals_maml_on_the_weights(test, config, episode, steps):
+    """Builds ``config``'s learner and MAML on one model; asserts equal meta-losses and equal
+    network-weight meta-gradients; returns (learner, gradients of its extra tensors)."""
+    model = get_model(config)
+    learner = build_learner(config, model)
+    maml = build_learner(Config.from_dict({**config.to_dict(), "algorithm": "maml",
+                                           "lslr": False}), model)
+    loss_l, grads_l = _loss_and_grads(learner, learner.meta_weights(), episode, steps)
+    loss_m, grads_m = _loss_and_grads(maml, maml.meta_weights(), episode, steps)
+    test.assertAllClose(loss_l, loss_m, rtol=1e-6)
+    n = len(maml.meta_variables)
+    for a, b in zip(grads_l[:n], grads_m):
+        test.assertAllClose(a, b, rtol=1e-4, atol=1e-7)
+    return learner, grads_l[n:]
+
+
 class ReptileTest(tf.test.TestCase):
 
     def _per_task_grads(self, model, episode):
@@ -147,18 +163,8 @@ class ReptileTest(tf.test.TestCase):
 class MetaSgdTest(tf.test.TestCase):
 
     def test_rates_at_alpha_reproduce_maml_and_receive_meta_gradients(self):
-        config = _config("metasgd")
-        model = get_model(config)
-        metasgd = build_learner(config, model)
-        maml = build_learner(_config("maml"), model)
-        ep = _episode(3)
-        loss_s, grads_s = _loss_and_grads(metasgd, metasgd.meta_weights(), ep, 2)
-        loss_m, grads_m = _loss_and_grads(maml, maml.meta_weights(), ep, 2)
-        self.assertAllClose(loss_s, loss_m, rtol=1e-6)
-        n = len(maml.meta_variables)
-        for a, b in zip(grads_s[:n], grads_m):
-            self.assertAllClose(a, b, rtol=1e-4, atol=1e-7)
-        rate_grads = grads_s[n:]
+        metasgd, rate_grads = _equals_maml_on_the_weights(self, _config("metasgd"), _episode(3), 2)
+        n = len(metasgd.net.variables)
         self.assertLen(rate_grads, n)
         for g, v in zip(rate_grads, metasgd.extra):
             self.assertEqual(g.shape, tuple(v.shape))
@@ -205,18 +211,8 @@ class MamlPlusPlusTest(tf.test.TestCase):
 
     def test_lslr_with_frozen_rates_equals_maml(self):
         config = _config("mamlpp", inner_steps=3, lslr=True)
-        model = get_model(config)
-        mamlpp = build_learner(config, model)
-        maml = build_learner(_config("maml", inner_steps=3), model)
-        ep = _episode(6)
-        loss_p, grads_p = _loss_and_grads(mamlpp, mamlpp.meta_weights(), ep, 3)
-        loss_m, grads_m = _loss_and_grads(maml, maml.meta_weights(), ep, 3)
-        self.assertAllClose(loss_p, loss_m, rtol=1e-6)
-        n = len(maml.meta_variables)
-        for a, b in zip(grads_p[:n], grads_m):
-            self.assertAllClose(a, b, rtol=1e-4, atol=1e-7)
-        rates = grads_p[n]
-        self.assertEqual(rates.shape, (3, n))
+        mamlpp, (rates,) = _equals_maml_on_the_weights(self, config, _episode(6), 3)
+        self.assertEqual(rates.shape, (3, len(mamlpp.net.variables)))
         self.assertTrue(np.all(np.abs(rates).sum(axis=1) > 0))   # every step's rates learn
 
     def test_lslr_gradient_matches_finite_differences(self):
