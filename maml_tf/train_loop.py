@@ -126,7 +126,7 @@ def make_train_step(run: Run):
         columns = steps + 1 if learner.reports_inner_steps else 1
         loss, grads, step_loss, step_acc, state = (
             fn(episode) if config.task_chunks == 1 else
-            _sum_over_chunks(fn, episode, config.task_chunks, weights, len(variables), columns))
+            _mean_over_chunks(fn, episode, config.task_chunks, weights, len(variables), columns))
         # Each replica averages over its 1/R share of the meta-batch; dividing by R
         # makes the SUM all-reduce below the mean over all tasks of the global batch.
         grads = [g / replicas for g in grads]
@@ -176,7 +176,7 @@ def make_train_step(run: Run):
     return train_step
 
 
-def _sum_over_chunks(fn, episode, chunks: int, weights, trained: int, columns: int):
+def _mean_over_chunks(fn, episode, chunks: int, weights, trained: int, columns: int):
     """The mean of ``fn`` over ``chunks`` equal slices of the episode's tasks, computed one
     slice after another in a while loop, so that only one slice's activations are alive
     (the peak memory of the second-order step shrinks with the chunk size)."""
