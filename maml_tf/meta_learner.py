@@ -43,9 +43,10 @@ class MetaLearner(tf.Module):
     Compiled code receives them, then the non-trainable ``state`` (MAML++'s per-step
     batch-norm statistics), as one list of tensors, ``weights``, in that order.
 
-    Hooks for subclasses: ``inner_update`` (how fast weights move), ``step_params`` (what
-    the network sees at inner step k), ``objective`` (how per-step query losses combine),
-    ``meta_gradient`` (Reptile replaces the tape), ``first_order_at`` (MAML++'s annealing)
+    Hooks for subclasses: ``inner_lr_for`` / ``inner_update`` (how fast weights move),
+    ``step_params`` / ``forward_at`` (what the network sees at inner step k), ``objective``
+    (how per-step query losses combine), ``meta_gradient`` (Reptile replaces the tape),
+    ``first_order_at`` (MAML++'s annealing), ``update_state`` (MAML++'s running statistics)
     and ``write_summaries`` (extra TensorBoard state).
 
     Args:
