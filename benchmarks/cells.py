@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def child(cfg: str, steps: int) -> dict:
     from absl import flags
-    import data as data_lib
+    from maml_tf import data as data_lib
     from maml_tf import flags as maml_flags, train_loop
     from maml_tf.config import Config
     flags.FLAGS(["prog", f"--flagfile={cfg}"])

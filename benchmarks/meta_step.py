@@ -42,7 +42,7 @@ CASES = {
 def _episode(config):
     import numpy as np
     import tensorflow as tf
-    from data.episode import Episode
+    from maml_tf.data.episode import Episode
     rng = np.random.default_rng(0)
     t, ns, nq = config.meta_batch_size, config.way * config.shot, config.way * config.queries
     img = lambda n: tf.constant(rng.uniform(size=(t, n) + config.image_shape).astype("float32"))
@@ -112,7 +112,7 @@ def _counted_flops(learner, episode, steps, first_order):
 def _loop_step(run, steps, first_order):
     """The baseline: the same meta-gradient, one task at a time, in a tf.function loop."""
     import tensorflow as tf
-    from data.episode import Episode
+    from maml_tf.data.episode import Episode
     learner, variables = run.learner, run.learner.meta_variables
 
     @tf.function

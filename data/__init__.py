@@ -11,26 +11,26 @@ import functools
 
 import tensorflow as tf
 
-from data import few_shot, sinusoid
-from data.episode import Episode
-from data.errors import DataError
-from data.tasks import task_indices, task_seed
+from maml_tf.data import few_shot, sinusoid
+from maml_tf.data.episode import Episode
+from maml_tf.data.errors import DataError
+from maml_tf.data.tasks import task_indices, task_seed
 
 
 @functools.lru_cache(maxsize=8)
 def _split_images(dataset: str, data_dir: str, source: str, split_name: str, split: str,
                   rotations: str):
     if dataset == "omniglot":
-        from data import omniglot
+        from maml_tf.data import omniglot
         return omniglot.load_split(data_dir, source, split_name, split, rotations)
-    from data import mini_imagenet
+    from maml_tf.data import mini_imagenet
     return mini_imagenet.load_split(data_dir, split)
 
 
 def describe_splits(config) -> dict | None:
     """Which classes each split holds, for the workdir's ``split.json`` (None for sinusoid)."""
     if config.dataset == "omniglot":
-        from data import omniglot
+        from maml_tf.data import omniglot
         idx = omniglot.split_indices(config.split)
         return {"dataset": "omniglot", "split": config.split,
                 "character_index": "into background (0..963) then evaluation (964..1622), "
@@ -38,7 +38,7 @@ def describe_splits(config) -> dict | None:
                 "train_rotations": config.train_rotations, "eval_rotations": config.eval_rotations,
                 **{s: [int(i) for i in v] for s, v in idx.items()}}
     if config.dataset == "mini_imagenet":
-        from data import mini_imagenet
+        from maml_tf.data import mini_imagenet
         return {"dataset": "mini_imagenet", "split": "ravi",
                 **{s: mini_imagenet.class_names(config.data_dir, s) for s in ("train", "val", "test")}}
     return None

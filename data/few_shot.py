@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from data.tasks import seeds_for
+from maml_tf.data.tasks import seeds_for
 
 
 def sample_task(images: tf.Tensor, stream: int, index: tf.Tensor, way: int, shot: int,

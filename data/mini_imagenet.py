@@ -19,7 +19,7 @@ import pickle
 
 import numpy as np
 
-from data.errors import DataError
+from maml_tf.data.errors import DataError
 
 SIZE = 84
 

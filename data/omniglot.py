@@ -39,7 +39,7 @@ import zipfile
 
 import numpy as np
 
-from data.errors import DataError
+from maml_tf.data.errors import DataError
 
 PARTS = ("images_background", "images_evaluation")
 SIZES = {"images_background": 964, "images_evaluation": 659}

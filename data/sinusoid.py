@@ -10,7 +10,7 @@ import math
 
 import tensorflow as tf
 
-from data.tasks import seeds_for
+from maml_tf.data.tasks import seeds_for
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)

@@ -21,11 +21,11 @@ import types
 import keras
 import tensorflow as tf
 
-from data.episode import Episode
+from maml_tf.data.episode import Episode
 from maml_tf import losses
 from maml_tf.meta_learner import MetaLearner, StepMetrics
-from models.functional import FunctionalModel, tile_for_tasks
-from models.layers import _Normalization
+from maml_tf.models.functional import FunctionalModel, tile_for_tasks
+from maml_tf.models.layers import _Normalization
 
 
 def _scalar_summaries(prefix: str, values: dict, step: int) -> None:
@@ -371,7 +371,7 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
         return ProtoNet(*args, way=config.way, **kwargs)
     if algorithm == "pretrain":
         if not config.is_regression and num_classes is None:
-            import data as data_lib
+            from maml_tf import data as data_lib
             num_classes = int(data_lib.split_images(config, "train").shape[0])
         return Pretrain(*args, num_classes=None if config.is_regression else num_classes,
                         **kwargs)

@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
-from data.episode import Episode
-from models.functional import FunctionalModel, tile_for_tasks
+from maml_tf.data.episode import Episode
+from maml_tf.models.functional import FunctionalModel, tile_for_tasks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from data import sinusoid  # noqa: E402
-from data.tasks import task_seed  # noqa: E402
+from maml_tf.data import sinusoid  # noqa: E402
+from maml_tf.data.tasks import task_seed  # noqa: E402
 
 
 def sinusoid_fit_image(learner, config, shot: int, steps=(0, 1, 10)) -> tf.Tensor:

@@ -20,11 +20,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-import data as data_lib
+from maml_tf import data as data_lib
 from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_lib, plots
 from maml_tf.config import Config
 from maml_tf.learners import build_learner, train_inner_steps
-from models import get_model
+from maml_tf.models import get_model
 
 
 class NonFiniteError(FloatingPointError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from models import zoo
+from maml_tf.models import zoo
 
 
 def get_model(config, dtype: str = "float32") -> keras.Sequential:
@@ -24,6 +24,6 @@ def get_model(config, dtype: str = "float32") -> keras.Sequential:
 
 
 def _flattened(mlp: keras.Sequential, image_shape, dtype) -> keras.Sequential:
-    from models.layers import Flatten
+    from maml_tf.models.layers import Flatten
     return keras.Sequential([keras.Input(tuple(image_shape), dtype=dtype),
                              Flatten(dtype=dtype, name="flatten")] + mlp.layers, name="mlp")

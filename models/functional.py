@@ -20,7 +20,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from models import layers as L
+from maml_tf.models import layers as L
 
 
 class FunctionalModel:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import keras
 
-from models import layers as L
+from maml_tf.models import layers as L
 
 
 def mlp(input_dim: int, hidden: Sequence[int], outputs: int, batch_norm: bool = False,

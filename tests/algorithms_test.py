@@ -9,15 +9,15 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from data.episode import Episode
+from maml_tf.data.episode import Episode
 from maml_tf import losses
 from maml_tf.config import Config
 from maml_tf.learners import build_learner
 from maml_tf.meta_learner import MetaLearner
 from maml_tf.train_loop import current_lr, make_optimizer
-from models import get_model
-from models.functional import FunctionalModel
-from models.layers import _Normalization
+from maml_tf.models import get_model
+from maml_tf.models.functional import FunctionalModel
+from maml_tf.models.layers import _Normalization
 
 WAY, SHOT, QUERY, TASKS = 5, 2, 2, 3
 

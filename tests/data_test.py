@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import data as data_lib
-from data import few_shot, mini_imagenet, omniglot
-from data.errors import DataError
+from maml_tf import data as data_lib
+from maml_tf.data import few_shot, mini_imagenet, omniglot
+from maml_tf.data.errors import DataError
 from maml_tf.config import Config
 
 

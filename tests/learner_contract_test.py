@@ -9,11 +9,11 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from data.episode import Episode
+from maml_tf.data.episode import Episode
 from maml_tf.config import Config
 from maml_tf.learners import build_learner, train_inner_steps
 from maml_tf.train_loop import make_optimizer
-from models import get_model
+from maml_tf.models import get_model
 
 WAY, SHOT, QUERY, TASKS, CLASSES = 5, 2, 3, 4, 20
 

@@ -5,11 +5,11 @@ import tensorflow as tf
 import keras
 from absl.testing import parameterized
 
-from data.episode import Episode
+from maml_tf.data.episode import Episode
 from maml_tf import losses
 from maml_tf.meta_learner import MetaLearner
-from models import zoo
-from models.functional import FunctionalModel
+from maml_tf.models import zoo
+from maml_tf.models.functional import FunctionalModel
 
 
 def _classification_episode(rng, tasks, n, image_shape, way, dtype="float64"):

@@ -202,7 +202,7 @@ def test_every_algorithm_trains_compiled_and_shows_its_state(algorithm, omniglot
 def test_task_chunks_give_the_same_step(algorithm, tmp_path):
     # Chunks of tasks run one after another in a while loop: only memory may change.
     import tensorflow as tf
-    from data.episode import Episode
+    from maml_tf.data.episode import Episode
     base = {"dataset": "omniglot", "way": 3, "shot": 1, "num_filters": 8, "inner_steps": 2,
             "algorithm": algorithm, "inner_lr": 0.1, "meta_batch_size": 4}
     rng = np.random.default_rng(0)
