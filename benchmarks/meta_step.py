@@ -6,6 +6,7 @@ to a plain per-task loop, for the paper's configurations.
     python benchmarks/meta_step.py --memory              # peak RSS vs inner steps (+ recompute, chunks)
     python benchmarks/meta_step.py --task_chunks=4       # meta-gradient in 4 sequential task chunks
     python benchmarks/meta_step.py --algorithms=maml,reptile,protonet   # runs/omniglot_5w1s_*.cfg
+    python benchmarks/meta_step.py --models=conv4,keras_conv4 --cases=omniglot_5w1s --orders=second
 
 Each case runs in its own subprocess, so compile time and peak RSS are its own. GFLOP counts
 the matmuls of the optimized XLA program (see ``_counted_flops``). Episodes
@@ -130,18 +131,29 @@ def _loop_step(run, steps, first_order):
     return step
 
 
+# --models: the zoo's networks by name, a user's standard-Keras one by file:function.
+MODELS = {"conv4": "auto", "resnet12": "resnet12",
+          "keras_conv4": os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      "keras_conv4.py:conv4")}
+
+
 def child(case: str, order: str, windows: int, window_steps: int, inner_steps: int | None,
-          recompute: bool, loop: bool, jit: bool = True, task_chunks: int = 1) -> dict:
+          recompute: bool, loop: bool, jit: bool = True, task_chunks: int = 1,
+          model: str = "conv4", meta_batch: int | None = None) -> dict:
     from maml_tf.config import Config
     values = dict(CASES[case], algorithm="fomaml" if order == "first" else "maml",
-                  inner_recompute=recompute, jit_compile=jit, task_chunks=task_chunks)
+                  inner_recompute=recompute, jit_compile=jit, task_chunks=task_chunks,
+                  model=MODELS[model])
     if inner_steps is not None:
         values["inner_steps"] = inner_steps
+    if meta_batch is not None:
+        values["meta_batch_size"] = meta_batch
     config = Config.from_dict(values)
     run, episode, step, compile_s, steps_per_s = _measure(config, windows, window_steps)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flops = _counted_flops(run.learner, episode, config.inner_steps, config.first_order)
     out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
+           "model": model,
            "task_chunks": task_chunks,
            "recompute": recompute, "meta_batch": config.meta_batch_size,
            "tasks_per_s": steps_per_s * config.meta_batch_size, "compile_s": compile_s,
@@ -196,10 +208,10 @@ def _spawn(args: list[str]) -> dict:
 
 
 def _print_speed(rows):
-    print("| case | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | loop tasks/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | model | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | loop tasks/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['order']} | {r['task_chunks']} | {r['tasks_per_s']:.0f} | {r['compile_s']:.1f} | "
+        print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | {r['tasks_per_s']:.3g} | {r['compile_s']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
               f"{r.get('loop_tasks_per_s', float('nan')):.0f} | {r.get('speedup_vs_loop', float('nan')):.2f}x |")
 
@@ -225,7 +237,11 @@ def main():
     p.add_argument("--no_loop", action="store_true", help="skip the per-task loop baseline")
     p.add_argument("--algorithms", help="comma-separated algorithms: time the train step of "
                    "each runs/omniglot_5w1s_<algorithm>.cfg (maml: omniglot_5w1s.cfg)")
+    p.add_argument("--models", default="conv4", help="comma-separated networks: conv4 (the "
+                   "zoo's), keras_conv4 (the same in standard keras.layers), resnet12")
+    p.add_argument("--meta_batch", type=int, help="override the case's meta-batch size")
     p.add_argument("--algorithm", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="conv4", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--order", default="second", help=argparse.SUPPRESS)
@@ -236,7 +252,9 @@ def main():
                    help="compute each meta-gradient in this many sequential chunks of tasks")
     a = p.parse_args()
     common = [f"--windows={a.windows}", f"--window_steps={a.window_steps}",
-              f"--task_chunks={a.task_chunks}"]
+              f"--task_chunks={a.task_chunks}"] + (
+        [f"--meta_batch={a.meta_batch}"] if a.meta_batch else []) + (
+        [f"--inner_steps={a.inner_steps}"] if a.inner_steps else [])
     if a.child and a.algorithm:
         print(json.dumps(algorithm_child(a.algorithm, a.windows, a.window_steps)))
         return
@@ -248,7 +266,8 @@ def main():
     if a.child:
         print(json.dumps(child(a.case, a.order, a.windows, a.window_steps, a.inner_steps,
                                a.recompute, loop=not a.no_loop, jit=not a.no_jit,
-                               task_chunks=a.task_chunks)))
+                               task_chunks=a.task_chunks, model=a.model,
+                               meta_batch=a.meta_batch)))
         return
     if a.memory:
         variants = {"plain": [], "recompute": ["--recompute"], "chunks": ["--task_chunks=4"]}
@@ -261,9 +280,10 @@ def main():
     rows = []
     for case in a.cases.split(","):
         for order in a.orders.split(","):
-            rows.append(_spawn([f"--case={case}", f"--order={order}"] + common +
-                               (["--no_loop"] if a.no_loop else [])))
-            print(json.dumps(rows[-1]), flush=True)
+            for model in a.models.split(","):
+                rows.append(_spawn([f"--case={case}", f"--order={order}", f"--model={model}"]
+                                   + common + (["--no_loop"] if a.no_loop else [])))
+                print(json.dumps(rows[-1]), flush=True)
     _print_speed(rows)
 
 

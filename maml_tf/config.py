@@ -16,7 +16,8 @@ ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "protone
 INNER_OPTIMIZERS = ("sgd", "adam")
 META_OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-MODELS = ("auto", "mlp", "conv4")
+MODELS = ("auto", "mlp", "conv4", "resnet12")
+CUSTOM_INSTANCE = "instance"   # config.model of a run given a keras.Model object
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 SPLITS = ("cbfinn", "vinyals", "lake")
 SOURCES = ("auto", "npz", "official", "tfds")
@@ -41,6 +42,7 @@ class Config:
     train_rotations: str = "augment"
     eval_rotations: str = "augment"
     model: str = "auto"
+    allow_inexact: bool = False
     num_filters: int = 0
     conv_pool: str = "auto"
     norm: str = "batch"
@@ -81,7 +83,19 @@ class Config:
     checkpoint_every: int = 1000
     on_nan: str = "fail"
 
+    def __post_init__(self):
+        # Built by hand (maml_tf.Config(...)) or from flags: checked the same way.
+        if self.eval_shots is not None and not isinstance(self.eval_shots, tuple):
+            object.__setattr__(self, "eval_shots", tuple(int(s) for s in self.eval_shots))
+        self.validate()
+
     # -- derived values -----------------------------------------------------------------
+    @property
+    def is_custom_model(self) -> bool:
+        """A user's model: ``module:function``, ``file.py:function``, or ``instance`` (a
+        ``keras.Model`` object passed to ``train_loop.run``)."""
+        return ":" in self.model or self.model == CUSTOM_INSTANCE
+
     @property
     def is_regression(self) -> bool:
         return self.dataset == "sinusoid"
@@ -115,6 +129,8 @@ class Config:
 
     @property
     def model_name(self) -> str:
+        if self.is_custom_model:
+            return "custom"
         if self.model != "auto":
             return self.model
         return "mlp" if self.is_regression else "conv4"
@@ -143,9 +159,7 @@ class Config:
         values = dict(values)
         if "eval_shots" in values and values["eval_shots"] is not None:
             values["eval_shots"] = tuple(int(s) for s in values["eval_shots"])
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -170,7 +184,8 @@ class Config:
     def validate(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
         _choice("algorithm", self.algorithm, ALGORITHMS)
-        _choice("model", self.model, MODELS)
+        if not self.is_custom_model:
+            _choice("model", self.model, MODELS + ("package.module:function",))
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("split", self.split, SPLITS)
         _choice("data_source", self.data_source, SOURCES)
@@ -215,6 +230,13 @@ class Config:
         if self.is_regression and self.conv_pool != "auto":
             raise ConfigError(f"--conv_pool={self.conv_pool} only applies to --model=conv4 on "
                               "image data sets; drop it for --dataset=sinusoid.")
+        if self.is_regression and self.model_name == "resnet12":
+            raise ConfigError("--model=resnet12 is an image model but --dataset=sinusoid is 1-D "
+                              "regression: use --model=mlp (or auto) with sinusoid.")
+        if self.model_name in ("custom", "resnet12", "mlp") and (
+                self.num_filters or self.conv_pool != "auto" or self.norm != "batch"):
+            raise ConfigError("--num_filters, --conv_pool and --norm configure the zoo's Conv-4; "
+                              f"drop them with --model={self.model} (its function decides).")
         if self.dataset == "mini_imagenet" and self.model_name == "mlp":
             raise ConfigError("--model=mlp is defined for sinusoid and Omniglot (the paper's "
                               "non-conv baseline); use --model=conv4 for mini_imagenet.")
@@ -233,10 +255,11 @@ class Config:
         if used and self.algorithm != "mamlpp":
             raise ConfigError(f"--{used[0]} is a MAML++ switch; it needs --algorithm=mamlpp "
                               f"(got --algorithm={self.algorithm}).")
-        if self.bnwb and (self.is_regression or self.norm == "none"):
+        custom = self.model_name != "conv4" and not self.is_regression
+        if self.bnwb and not custom and (self.is_regression or self.norm == "none"):
             raise ConfigError("--bnwb learns per-step batch-norm weights, but this network has no "
                               "normalisation layers (sinusoid MLP or --norm=none); drop --bnwb.")
-        if self.bnrs and (self.is_regression or self.norm != "batch"):
+        if self.bnrs and not custom and (self.is_regression or self.norm != "batch"):
             raise ConfigError("--bnrs keeps per-step batch-norm statistics, but this network has "
                               "no batch norm (sinusoid MLP or --norm other than batch); drop --bnrs.")
         if self.bnrs and self.inner_recompute:

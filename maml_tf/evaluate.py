@@ -2,18 +2,19 @@
 
     python -m maml_tf.evaluate --workdir=$HOME/maml_runs/omniglot_5w1s [--eval_tasks=600]
 
-Reads the run's config.json; flags given on the command line that change only the
-evaluation (--eval_tasks, --eval_inner_steps, --eval_shots, --data_dir) override it.
+Reads the run's config.json (a user's ``--model=module:function`` is rebuilt from it);
+flags given on the command line that change only the evaluation (--eval_tasks,
+--eval_inner_steps, --eval_shots, --data_dir) override it.
 """
 
-import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
-from maml_tf import checkpointing, evaluation, train_loop
-from maml_tf.config import Config
+from maml_tf import train_loop
+from maml_tf.config import ConfigError
+from maml_tf.models.functional import InexactModelError
 
 FLAGS = flags.FLAGS
 EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "data_dir", "data_source",
@@ -22,20 +23,15 @@ EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "data_dir", "d
 
 def main(argv):
     del argv
-    path = os.path.join(FLAGS.workdir or "", "config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(FLAGS.workdir or "", "config.json")):
         raise SystemExit(f"--workdir={FLAGS.workdir!r} holds no config.json: pass the "
                          "workdir of a run started with maml_tf.train.")
-    with open(path) as f:
-        values = json.load(f)
-    values.update({k: FLAGS[k].value for k in EVAL_OVERRIDES if FLAGS[k].present})
-    config = Config.from_dict(values)
-    r = train_loop.build(config, FLAGS.workdir, overwrite=False)
-    if checkpointing.restore_or_init(r.manager) is None:
-        raise SystemExit(f"No checkpoint in {FLAGS.workdir}/checkpoints to evaluate.")
-    step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
-                                     config.jit_compile)
-    train_loop.final_evaluation(r, step)
+    overrides = {k: FLAGS[k].value for k in EVAL_OVERRIDES if FLAGS[k].present}
+    try:
+        train_loop.evaluate_workdir(FLAGS.workdir, **overrides)
+    except (ConfigError, InexactModelError) as e:
+        logging.error("%s", e)
+        raise SystemExit(f"Configuration error: {e}")
 
 
 if __name__ == "__main__":

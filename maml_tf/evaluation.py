@@ -11,6 +11,7 @@ from absl import logging
 import tensorflow as tf
 
 from maml_tf.meta_learner import MetaLearner
+from maml_tf.models.functional import inference
 
 
 def make_eval_step(learner: MetaLearner, steps: int, strategy: tf.distribute.Strategy,
@@ -21,7 +22,9 @@ def make_eval_step(learner: MetaLearner, steps: int, strategy: tf.distribute.Str
     @tf.function(jit_compile=jit_compile)
     def adapt_and_score(weights, episode):
         # No outer tape here, so first_order=True only saves work; values are identical.
-        _, m = learner.meta_loss(weights, episode, steps, first_order=True)
+        # Traced in inference mode: dropout off (batch norm keeps per-task statistics).
+        with inference():
+            _, m = learner.meta_loss(weights, episode, steps, first_order=True)
         return m.loss, (m.accuracy if m.accuracy is not None else tf.zeros_like(m.loss))
 
     def replica_fn(episode):

@@ -47,8 +47,13 @@ flags.DEFINE_integer("query", _D.query, "Query examples per class (0: same as sh
 flags.DEFINE_list("eval_shots", list(_D.eval_shots), "Shots to evaluate at (default: --shot).")
 
 # -- model and algorithm -----------------------------------------------------------------
-flags.DEFINE_enum("model", _D.model, C.MODELS, "Network: 'auto' is the paper's choice for "
-                  "the data set (MLP 40-40 for sinusoid, Conv-4 for images).")
+flags.DEFINE_string("model", _D.model, "Network: 'auto' is the paper's choice for the data "
+                    "set (MLP 40-40 for sinusoid, Conv-4 for images), 'mlp', 'conv4', or your "
+                    "own: 'package.module:function' or 'path/to/file.py:function', where "
+                    "function(input_shape, num_outputs) returns a keras.Model.")
+flags.DEFINE_bool("allow_inexact", _D.allow_inexact, "Accept (with a warning) a model holding "
+                  "a layer whose second derivative maml_tf does not know to be exact; without "
+                  "it, second-order algorithms refuse such a model.")
 flags.DEFINE_integer("num_filters", _D.num_filters, "Conv-4 filters (0: 64 Omniglot, 32 mini-ImageNet).")
 flags.DEFINE_enum("conv_pool", _D.conv_pool, C.POOLS, "Conv-4 downsampling: stride-2 convs "
                   "or 2x2 max-pool ('auto': stride for Omniglot, max for mini-ImageNet).")

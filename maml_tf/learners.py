@@ -24,8 +24,8 @@ import tensorflow as tf
 from maml_tf.data.episode import Episode
 from maml_tf import losses
 from maml_tf.meta_learner import MetaLearner, StepMetrics
-from maml_tf.models.functional import FunctionalModel, tile_for_tasks
-from maml_tf.models.layers import _Normalization
+from maml_tf.models.functional import tile_for_tasks
+from maml_tf.models.keras_layers import is_normalization
 
 
 def _scalar_summaries(prefix: str, values: dict, step: int) -> None:
@@ -48,9 +48,14 @@ class Reptile(MetaLearner):
     computed for logging only.
     """
 
-    def meta_gradient(self, weights, episode, steps, iteration=None, first_order=None):
-        trajectory = self.adapt(weights, episode.support_x, episode.support_y, steps,
-                                first_order=True)
+    SECOND_ORDER = False   # no outer tape through the inner loop
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **{**kwargs, "first_order": True})
+
+    def meta_step(self, weights, episode, steps, iteration=None, first_order=None):
+        trajectory = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
+                                     first_order=True)
         net_weights, extra = self.split(weights)
         grads = [w - tf.cast(tf.reduce_mean(phi, axis=0), w.dtype)
                  for w, phi in zip(net_weights, trajectory[-1])]
@@ -63,10 +68,10 @@ class MetaSGD(MetaLearner):
     """Meta-SGD (Li et al. 2017): every parameter has its own inner step size (a tensor of
     its shape), initialised to ``inner_lr`` and meta-trained with the weights."""
 
-    def __init__(self, net: FunctionalModel, *args, **kwargs):
-        super().__init__(net, *args, **kwargs)
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
         self.extra = [tf.Variable(tf.fill(v.shape, tf.constant(self.inner_lr, v.dtype)),
-                                  name=f"lr_{_safe(v.path)}") for v in net.variables]
+                                  name=f"lr_{_safe(v.path)}") for v in self.net.variables]
 
     def inner_lr_for(self, index, step, extra, dtype):
         return extra[index]
@@ -82,10 +87,10 @@ class ANIL(MetaLearner):
     head) is meta-learned but never adapted, so its features are computed once per task;
     only the head runs the inner loop (a second-order MAML of a linear classifier)."""
 
-    def __init__(self, net: FunctionalModel, *args, **kwargs):
-        super().__init__(net, *args, **kwargs)
-        self.body, head = net.split_head()
-        self.head_learner = MetaLearner(head, *args, **kwargs)
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.body, head = self.net.split_head()
+        self.head_learner = MetaLearner(head, **kwargs)
 
     def _features(self, weights, episode: Episode) -> tuple[list, Episode]:
         nb = len(self.body.variables)
@@ -101,12 +106,12 @@ class ANIL(MetaLearner):
         return self.head_learner.meta_loss(list(weights[nb:]), features, steps, first_order,
                                            track_steps, iteration)
 
-    def adapt(self, weights, x, y, steps, first_order=None):
+    def inner_loop(self, weights, x, y, steps, first_order=None):
         """Fast weights of the whole network: the body's are the meta-weights at every step."""
         body, features = self._features(weights, Episode(x, y, x, y))
         nb = len(self.body.variables)
-        heads = self.head_learner.adapt(list(weights[nb:]), features.support_x, y, steps,
-                                        first_order)
+        heads = self.head_learner.inner_loop(list(weights[nb:]), features.support_x, y, steps,
+                                             first_order)
         return [body + head for head in heads]
 
 
@@ -132,10 +137,12 @@ class MamlPlusPlus(MetaLearner):
     MIN_WEIGHT = 0.03   # MAML++'s floor of a non-final step's weight, times 1/steps
     BNRS_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch (PyTorch's momentum 0.1)
 
-    def __init__(self, net: FunctionalModel, *args, steps: int, lslr: bool, bnwb: bool,
-                 msl_iterations: int, da_iterations: int, bnrs: bool = False, **kwargs):
-        super().__init__(net, *args, **kwargs)
-        self.steps, self.msl_iterations, self.da_iterations = steps, msl_iterations, da_iterations
+    def __init__(self, model, *, lslr: bool = True, bnwb: bool = False, bnrs: bool = False,
+                 msl_iterations: int = 0, da_iterations: int = 0, **kwargs):
+        super().__init__(model, **kwargs)
+        net = self.net
+        steps = self.steps = self.inner_steps
+        self.msl_iterations, self.da_iterations = msl_iterations, da_iterations
         extra = []
         self.lslr = None
         if lslr:
@@ -146,7 +153,7 @@ class MamlPlusPlus(MetaLearner):
         self.norm_slots = {}   # index of a norm weight in net.variables -> index in extra
         if bnwb:
             owners = net.param_layers()
-            norms = [i for i, layer in enumerate(owners) if isinstance(layer, _Normalization)]
+            norms = [i for i, layer in enumerate(owners) if is_normalization(layer)]
             if not norms:
                 raise ValueError("bnwb needs normalisation layers in the network.")
             for i in norms:
@@ -189,13 +196,13 @@ class MamlPlusPlus(MetaLearner):
         finally:
             self._record.query = False
 
-    def meta_gradient(self, weights, episode, steps, iteration=None, first_order=None):
+    def meta_step(self, weights, episode, steps, iteration=None, first_order=None):
         if not self.bnrs:
-            return super().meta_gradient(weights, episode, steps, iteration, first_order)
+            return super().meta_step(weights, episode, steps, iteration, first_order)
         self._record.calls = {}
         try:
-            loss, grads, per_step = super().meta_gradient(weights, episode, steps, iteration,
-                                                          first_order)
+            loss, grads, per_step = super().meta_step(weights, episode, steps, iteration,
+                                                      first_order)
             collected = self._record.calls
         finally:
             self._record.calls = None
@@ -271,17 +278,21 @@ class ProtoNet(MetaLearner):
     Euclidean distance of its embedding to the class means of the support embeddings.
     There is no inner loop, so ``StepMetrics`` has a single column."""
 
-    def __init__(self, net: FunctionalModel, *args, way: int, **kwargs):
-        super().__init__(net, *args, **kwargs)
-        self.body, _ = net.split_head()
-        self.way = way
+    SECOND_ORDER = False   # no inner loop
+
+    def __init__(self, model, *, way: int | None = None, **kwargs):
+        super().__init__(model, **kwargs)
+        self.body, head = self.net.split_head()
+        # The head (unused) was built for the task's classes: its outputs are the way.
+        self.way = int(way or head.variables[-1].shape[-1])
 
     @property
     def reports_inner_steps(self):
         return False
 
-    def adapt(self, weights, x, y, steps, first_order=None):
-        raise NotImplementedError("ProtoNets has no inner loop; use meta_loss.")
+    def inner_loop(self, weights, x, y, steps, first_order=None):
+        raise NotImplementedError("ProtoNets has no inner loop: use meta_gradient, evaluate "
+                                  "or meta_loss.")
 
     def meta_loss(self, weights, episode, steps, first_order=None, track_steps=True,
                   iteration=None):
@@ -310,9 +321,11 @@ class Pretrain(MetaLearner):
     loop (``train_inner_steps`` is 0), as the paper's baseline.
     """
 
-    def __init__(self, net: FunctionalModel, *args, num_classes: int | None, **kwargs):
-        super().__init__(net, *args, **kwargs)
-        self.body, self.head = net.split_head()
+    SECOND_ORDER = False   # no outer tape through an inner loop
+
+    def __init__(self, model, *, num_classes: int | None = None, **kwargs):
+        super().__init__(model, **kwargs)
+        self.body, self.head = self.net.split_head()
         self.num_classes = num_classes
         if num_classes:
             dim, dtype = self.head.variables[0].shape[0], self.head.variables[0].dtype
@@ -320,16 +333,16 @@ class Pretrain(MetaLearner):
                                       name="all_classes_kernel"),
                           tf.Variable(tf.zeros([num_classes], dtype), name="all_classes_bias")]
 
-    def adapt(self, weights, x, y, steps, first_order=None):
+    def inner_loop(self, weights, x, y, steps, first_order=None):
         if self.num_classes:
             nh = len(self.head.variables)
             net_weights, extra = self.split(weights)
             weights = net_weights[:-nh] + [tf.zeros_like(w) for w in net_weights[-nh:]] + extra
-        return super().adapt(weights, x, y, steps, first_order)
+        return super().inner_loop(weights, x, y, steps, first_order)
 
-    def meta_gradient(self, weights, episode, steps, iteration=None, first_order=None):
+    def meta_step(self, weights, episode, steps, iteration=None, first_order=None):
         if not self.num_classes:
-            return super().meta_gradient(weights, episode, steps, iteration, first_order)
+            return super().meta_step(weights, episode, steps, iteration, first_order)
         if episode.classes is None:
             raise ValueError("Pre-training on all classes needs Episode.classes (the split-level "
                              "class of each label); the data pipelines provide it.")
@@ -354,28 +367,29 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
     num_classes: training classes for the pre-training baseline on images (None reads the
     training split's class count).
     """
-    loss_fn, metric_fn = losses.LOSSES["regression" if config.is_regression else "classification"]
-    args = (FunctionalModel(model), loss_fn, metric_fn, config.inner_lr)
-    kwargs = dict(first_order=config.first_order, recompute=config.inner_recompute,
+    kwargs = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                  first_order=config.first_order,
+                  loss="mse" if config.is_regression else "cross_entropy",
+                  metric=None if config.is_regression else "accuracy",
+                  recompute=config.inner_recompute,
                   compute_dtype=None if config.precision == "float32" else config.precision,
-                  inner_optimizer=config.inner_optimizer)
+                  inner_optimizer=config.inner_optimizer, allow_inexact=config.allow_inexact)
     algorithm = config.algorithm
     if algorithm in ("maml", "fomaml"):
-        return MetaLearner(*args, **kwargs)
+        return MetaLearner(model, **kwargs)
     if algorithm == "mamlpp":
-        return MamlPlusPlus(*args, steps=config.inner_steps, lslr=config.lslr, bnwb=config.bnwb,
-                            bnrs=config.bnrs,
+        return MamlPlusPlus(model, lslr=config.lslr, bnwb=config.bnwb, bnrs=config.bnrs,
                             msl_iterations=config.msl_iterations,
                             da_iterations=config.da_iterations, **kwargs)
     if algorithm == "protonet":
-        return ProtoNet(*args, way=config.way, **kwargs)
+        return ProtoNet(model, way=config.way, **kwargs)
     if algorithm == "pretrain":
         if not config.is_regression and num_classes is None:
             from maml_tf import data as data_lib
             num_classes = int(data_lib.split_images(config, "train").shape[0])
-        return Pretrain(*args, num_classes=None if config.is_regression else num_classes,
+        return Pretrain(model, num_classes=None if config.is_regression else num_classes,
                         **kwargs)
-    return {"reptile": Reptile, "metasgd": MetaSGD, "anil": ANIL}[algorithm](*args, **kwargs)
+    return {"reptile": Reptile, "metasgd": MetaSGD, "anil": ANIL}[algorithm](model, **kwargs)
 
 
 def train_inner_steps(config) -> int:

@@ -17,8 +17,11 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+import keras
+
+from maml_tf import losses
 from maml_tf.data.episode import Episode
-from maml_tf.models.functional import FunctionalModel, tile_for_tasks
+from maml_tf.models.functional import FunctionalModel, inference, tile_for_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +38,17 @@ class StepMetrics:
 
 
 class MetaLearner(tf.Module):
-    """Second- or first-order MAML around a ``FunctionalModel``: the core that every
-    algorithm of ``maml_tf.learners`` specialises through a few hooks.
+    """Second- or first-order MAML around a Keras model: the public learner
+    (``maml_tf.MAML``) and the core that every algorithm of ``maml_tf.learners``
+    specialises through a few hooks.
+
+    Use from Python (shapes: ``x`` ``[T, N, ...]``, one row per task)::
+
+        learner = maml_tf.MAML(model, inner_lr=0.4, inner_steps=1)
+        fast = learner.adapt(support_x, support_y)       # fast weights, each [T, *shape]
+        logits = learner.predict(fast, query_x)          # [T, N_q, way]
+        loss, grads = learner.meta_gradient(episode)     # grads align with meta_variables
+        optimizer.apply(grads, learner.meta_variables)
 
     Meta-parameters are ``meta_variables``: the network's weights, then the algorithm's own
     learned tensors (``extra``: Meta-SGD's rates, MAML++'s per-step rates and norm weights).
@@ -44,42 +56,106 @@ class MetaLearner(tf.Module):
     batch-norm statistics), as one list of tensors, ``weights``, in that order.
 
     Hooks for subclasses: ``inner_lr_for`` / ``inner_update`` (how fast weights move),
-    ``step_params`` / ``forward_at`` (what the network sees at inner step k), ``objective``
-    (how per-step query losses combine), ``meta_gradient`` (Reptile replaces the tape),
-    ``first_order_at`` (MAML++'s annealing), ``update_state`` (MAML++'s running statistics)
-    and ``write_summaries`` (extra TensorBoard state).
+    ``step_params`` / ``forward_at`` (what the network sees at inner step k), ``inner_loop``
+    (the whole inner loop: ANIL, pre-training), ``objective`` (how per-step query losses
+    combine), ``meta_step`` (Reptile replaces the tape), ``first_order_at`` (MAML++'s
+    annealing), ``update_state`` (MAML++'s running statistics) and ``write_summaries``
+    (extra TensorBoard state).
 
     Args:
-      net: the model, called functionally on fast weights.
-      loss_fn: ``(outputs [T,N,...], labels) -> [T]`` per-task loss.
-      metric_fn: optional ``(outputs, labels) -> [T]`` (accuracy), or None.
+      model: any built ``keras.Model`` (Sequential, Functional or subclassed), run on fast
+        weights by ``models.functional.FunctionalModel`` (or such a view already).
       inner_lr: the inner step size alpha.
+      inner_steps: inner steps that ``adapt``, ``meta_gradient`` and ``evaluate`` take by
+        default.
       first_order: drop the second-order term: inner gradients are treated as
         constants by the outer tape (FOMAML).
+      loss: ``"cross_entropy"`` (logits against integer labels; the default), ``"mse"``, a
+        Keras loss name, a ``keras.losses.Loss`` or a callable ``fn(y_true, y_pred)``; see
+        ``maml_tf.losses.resolve``.
+      metric: ``"auto"`` (accuracy for integer labels), ``"accuracy"``, None or a callable.
       recompute: gradient checkpointing of the inner loop: keep only the fast weights of
         each step and recompute the step's activations in the backward pass (memory for
         time).
-      compute_dtype: dtype of the inner loop and forward passes (None: float32).
+      compute_dtype: dtype of the inner loop and forward passes (None: the model's).
       inner_optimizer: ``"sgd"`` or ``"adam"`` (Adam with beta1 = 0, as Reptile; its
         state starts at zero for every task and is differentiable like SGD).
+      allow_inexact: accept (with a warning) a model holding a layer whose second
+        derivative maml_tf does not know to be exact; by default a learner that needs
+        second derivatives refuses it (``InexactModelError``).
     """
 
-    def __init__(self, net: FunctionalModel, loss_fn: Callable, metric_fn: Callable | None,
-                 inner_lr: float, first_order: bool = False, recompute: bool = False,
-                 compute_dtype: str | None = None, inner_optimizer: str = "sgd"):
+    # Whether meta-training differentiates through inner gradients (False: first-order
+    # algorithms, ProtoNets, pre-training), which decides if inexact layers are refused.
+    SECOND_ORDER = True
+
+    def __init__(self, model, *, inner_lr: float = 0.01, inner_steps: int = 1,
+                 first_order: bool = False, loss="cross_entropy", metric="auto",
+                 recompute: bool = False, compute_dtype: str | None = None,
+                 inner_optimizer: str = "sgd", allow_inexact: bool = False):
         super().__init__()
-        self.net = net
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.first_order = bool(first_order)
+        self.recompute = bool(recompute)
         self.compute_dtype = tf.as_dtype(compute_dtype) if compute_dtype else None
-        self.loss_fn = loss_fn
-        self.metric_fn = metric_fn
-        self.inner_lr = inner_lr
-        self.first_order = first_order
-        self.recompute = recompute
+        self.loss_fn, self.metric_fn = losses.resolve(loss, metric)
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}.")
+        if self.inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}.")
         self.inner_optimizer = inner_optimizer
+        self.allow_inexact = bool(allow_inexact)
+        if isinstance(model, keras.Model):
+            strict = self.SECOND_ORDER and not self.first_order and not allow_inexact
+            model = FunctionalModel(model, strict=strict)
+        self.net = model
+        if self.recompute and isinstance(model, FunctionalModel) and model.batched and any(
+                type(op) is keras.layers.Dropout for op in model._ops()):
+            raise ValueError("recompute re-runs each inner step in the backward pass, which "
+                             "would draw new dropout masks: use one of recompute and Dropout.")
         self.extra: list[tf.Variable] = []
         self.state: list[tf.Variable] = []
+
+    # -- the public API -----------------------------------------------------------------
+    def adapt(self, support_x, support_y, steps: int | None = None,
+              weights: Sequence[tf.Tensor] | None = None) -> list[tf.Tensor]:
+        """Adapts to each task of a support set: x ``[T, N_s, ...]``, y ``[T, N_s, ...]``.
+
+        Returns the network's fast weights after ``steps`` (default ``inner_steps``) inner
+        steps, one tensor ``[T, *variable.shape]`` per entry of ``net.variables``. On a
+        ``tf.GradientTape`` watching the meta-weights, they carry the second-order path.
+        """
+        weights = self.meta_weights() if weights is None else list(weights)
+        x, y = tf.convert_to_tensor(support_x), tf.convert_to_tensor(support_y)
+        return self.inner_loop(weights, x, y, self.inner_steps if steps is None else steps)[-1]
+
+    def predict(self, fast_weights: Sequence[tf.Tensor], x, step: int | None = None) -> tf.Tensor:
+        """The network's outputs ``[T, N, ...]`` on x ``[T, N, ...]`` at ``fast_weights``
+        (from ``adapt``). ``step``: the inner step they come from (MAML++'s per-step norm
+        weights; default ``inner_steps``)."""
+        extra = self.split(self.meta_weights())[1]
+        return self.forward_at(list(fast_weights), tf.convert_to_tensor(x), extra,
+                               self.inner_steps if step is None else step)
+
+    def meta_gradient(self, episode: Episode, steps: int | None = None,
+                      weights: Sequence[tf.Tensor] | None = None,
+                      iteration=None) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """(meta-loss, its gradient) for one meta-batch; the gradient is a list aligned with
+        ``meta_variables``, ready for ``optimizer.apply(grads, learner.meta_variables)``."""
+        weights = self.meta_weights() if weights is None else list(weights)
+        steps = self.inner_steps if steps is None else steps
+        loss, grads, _ = self.meta_step(weights, episode, steps, iteration)
+        return loss, grads[:len(self.meta_variables)]
+
+    def evaluate(self, episode: Episode, steps: int | None = None) -> StepMetrics:
+        """Query metrics of each task after 0..steps inner steps (default ``inner_steps``),
+        in evaluation mode (dropout off), without the second-order path."""
+        with inference():
+            _, per_step = self.meta_loss(self.meta_weights(), episode,
+                                         self.inner_steps if steps is None else steps,
+                                         first_order=True)
+        return per_step
 
     # -- meta-parameters ----------------------------------------------------------------
     @property
@@ -153,8 +229,8 @@ class MetaLearner(tf.Module):
             grads = [tf.stop_gradient(g) for g in grads]
         return grads, losses
 
-    def adapt(self, weights: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, steps: int,
-              first_order: bool | None = None) -> list[list[tf.Tensor]]:
+    def inner_loop(self, weights: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, steps: int,
+                   first_order: bool | None = None) -> list[list[tf.Tensor]]:
         """Runs ``steps`` inner steps for every task.
 
         weights: meta-weights (``meta_variables`` order); x, y: support set ``[T, N_s, ...]``.
@@ -220,8 +296,8 @@ class MetaLearner(tf.Module):
         last. ``iteration`` (a scalar tensor) is the meta-training iteration, for
         schedules inside the objective.
         """
-        trajectory = self.adapt(weights, episode.support_x, episode.support_y, steps,
-                                first_order)
+        trajectory = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
+                                     first_order)
         losses, metrics = self._score(trajectory, episode, self.split(weights)[1], track_steps)
         # The objective reads the per-step losses before they are stacked: a gradient through
         # the stack would send zeros back through every unused step's query pass, which XLA
@@ -243,9 +319,9 @@ class MetaLearner(tf.Module):
             metrics.append(metric)
         return losses, metrics
 
-    def meta_gradient(self, weights: list[tf.Tensor], episode: Episode, steps: int,
-                      iteration: tf.Tensor | None = None, first_order: bool | None = None
-                      ) -> tuple[tf.Tensor, list[tf.Tensor], StepMetrics]:
+    def meta_step(self, weights: list[tf.Tensor], episode: Episode, steps: int,
+                  iteration: tf.Tensor | None = None, first_order: bool | None = None
+                  ) -> tuple[tf.Tensor, list[tf.Tensor], StepMetrics]:
         """(meta-loss, its gradient w.r.t. ``weights``, per-step metrics) for one meta-batch.
 
         The gradient is what the outer optimizer applies (a descent direction); Reptile

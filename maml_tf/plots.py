@@ -23,7 +23,7 @@ def sinusoid_fit_image(learner, config, shot: int, steps=(0, 1, 10)) -> tf.Tenso
     amp, phase = sinusoid.task_params(stream, tf.constant(0, tf.int64))
     grid = np.linspace(-5, 5, 200, dtype=np.float32)[None, :, None]
     weights = learner.meta_weights()
-    traj = learner.adapt(weights, sx[None], sy[None], max(steps), first_order=True)
+    traj = learner.inner_loop(weights, sx[None], sy[None], max(steps), first_order=True)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
     ax.plot(grid[0, :, 0], amp * np.sin(grid[0, :, 0] - phase), "k-", label="true")
     ax.plot(sx[:, 0], sy[:, 0], "k^", label=f"{shot} support points")

@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
 from maml_tf import train_loop
 from maml_tf.config import ConfigError
+from maml_tf.models.functional import InexactModelError
 
 FLAGS = flags.FLAGS
 
@@ -23,7 +24,7 @@ def main(argv):
     try:
         config = maml_flags.config_from_flags(FLAGS)
         train_loop.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
-    except ConfigError as e:
+    except (ConfigError, InexactModelError) as e:
         logging.error("%s", e)
         raise SystemExit(f"Configuration error: {e}")
 

@@ -22,9 +22,9 @@ from absl import logging
 
 from maml_tf import data as data_lib
 from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_lib, plots
-from maml_tf.config import Config
+from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
 from maml_tf.learners import build_learner, train_inner_steps
-from maml_tf.models import get_model
+from maml_tf.models import get_model, model_spec
 
 
 class NonFiniteError(FloatingPointError):
@@ -62,22 +62,74 @@ class Run:
     manager: tf.train.CheckpointManager
 
 
-def build(config: Config, workdir: str, overwrite: bool = False) -> Run:
-    """Set-up: strategy, workdir, model, optimizer, checkpoint (section 1)."""
+def build(config: Config, workdir: str, overwrite: bool = False, model=None) -> Run:
+    """Set-up: strategy, workdir, model, optimizer, checkpoint (section 1).
+
+    model: None (``config.model`` builds it), a function ``(input_shape, num_outputs) ->
+    keras.Model``, or a built ``keras.Model``; see ``run``.
+    """
+    config, model_fn = _with_model(config, model)
     strategy = distribute.make_strategy(config)
     workdir = distribute.worker_workdir(workdir)
-    checkpointing.prepare_workdir(workdir, config, overwrite)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = get_model(config)
+        model = model if isinstance(model, keras.Model) else get_model(config, model_fn=model_fn)
         learner = build_learner(config, model)
         optimizer = make_optimizer(config)
         optimizer.build(learner.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    # After the model and learner are built: a model that cannot be built or run exactly
+    # stops the run before anything is written to the workdir.
+    checkpointing.prepare_workdir(workdir, config, overwrite)
     # The learner holds the algorithm's own meta-parameters (learned rates, ...).
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, learner=learner)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=3)
     return Run(config, workdir, strategy, model, learner, optimizer, step, manager)
+
+
+def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
+    """Evaluates the latest checkpoint of ``workdir`` on its fixed test tasks (as ``python
+    -m maml_tf.evaluate``). ``overrides``: evaluation settings of the config (for example
+    ``eval_tasks``); ``model``: as for ``run`` when the run was given one from Python."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        values = {**json.load(f), **overrides}
+    config = Config.from_dict(values)
+    r = build(config, workdir, model=model)
+    if checkpointing.restore_or_init(r.manager) is None:
+        raise ConfigError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+    step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
+                                     config.jit_compile)
+    return final_evaluation(r, step)
+
+
+def _with_model(config: Config, model) -> tuple[Config, object]:
+    """(config with the model recorded, the model function or None) for ``build``.
+
+    A module-level function is recorded as ``module:function`` (or ``file.py:function``),
+    so that resuming and ``maml_tf.evaluate`` rebuild it; a ``keras.Model`` object is
+    recorded as ``instance`` and must be passed again to resume or evaluate.
+    """
+    if model is None:
+        if config.model == CUSTOM_INSTANCE:
+            raise ConfigError("This run's model was a keras.Model object passed from Python: pass "
+                              "it again (train_loop.run(config, workdir, model=...) or "
+                              "maml_tf.evaluate_workdir(workdir, model=...)).")
+        return config, None
+    if isinstance(model, keras.Model):
+        if config.strategy != "default":
+            raise ConfigError(f"--strategy={config.strategy} must create the model under its "
+                              "scope: pass a function (input_shape, num_outputs) -> keras.Model "
+                              "instead of a keras.Model object.")
+        return dataclasses.replace(config, model=CUSTOM_INSTANCE), None
+    if not callable(model):
+        raise ConfigError(f"model must be a keras.Model or a function (input_shape, num_outputs) "
+                          f"-> keras.Model, got {type(model).__name__}.")
+    spec = model_spec(model)
+    if spec is None:
+        raise ConfigError(f"The model function {getattr(model, '__qualname__', model)!r} cannot be "
+                          "found again by name (a lambda or a nested function), so the run could "
+                          "not be resumed or evaluated: define it at the top level of a module.")
+    return dataclasses.replace(config, model=spec), model
 
 
 def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
@@ -113,8 +165,8 @@ def make_train_step(run: Run):
     replicas = strategy.num_replicas_in_sync
 
     def chunk_gradient(weights, episode, iteration, first_order):
-        loss, grads, per_step = learner.meta_gradient(weights, episode, steps, iteration,
-                                                      first_order)
+        loss, grads, per_step = learner.meta_step(weights, episode, steps, iteration,
+                                                  first_order)
         acc = per_step.accuracy if per_step.accuracy is not None else per_step.loss
         # Only the meta-variables are trained; the learner's state gets its own update.
         return [loss, grads[:len(variables)], tf.reduce_mean(per_step.loss, 0),
@@ -238,10 +290,17 @@ def _validate(run: Run, eval_step, step: int, history: list) -> None:
             run.learner, run.config, run.config.test_shots[0]), step=step)
 
 
-def run(config: Config, workdir: str, overwrite: bool = False) -> dict:
-    """Meta-trains (or resumes) the run in ``workdir`` and returns its results."""
+def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> dict:
+    """Meta-trains (or resumes) the run in ``workdir`` and returns its results.
+
+    model: None builds ``config.model``. Your own network: a module-level function
+    ``(input_shape, num_outputs) -> keras.Model`` (recorded in the workdir, so that resuming
+    and ``python -m maml_tf.evaluate`` rebuild it), or a built ``keras.Model`` (default
+    strategy only; pass it again to resume).
+    """
     # -- 1. Set-up --------------------------------------------------------------------
-    r = build(config, workdir, overwrite)
+    r = build(config, workdir, overwrite, model)
+    config = r.config
     workdir = r.workdir
     splits = data_lib.describe_splits(config)
     if splits is not None:

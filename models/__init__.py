@@ -1,14 +1,31 @@
-"""Model construction: ``get_model(config)`` returns a built ``keras.Sequential``."""
+"""Model construction: ``get_model(config)`` returns a built ``keras.Model``.
+
+``--model`` names the zoo's networks (``auto``, ``mlp``, ``conv4``, ``resnet12``) or a user's
+function, ``package.module:function`` or ``path/to/file.py:function``, called as
+``function(input_shape, num_outputs)`` and returning a ``keras.Model``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable
+
 import keras
+import numpy as np
 
-from maml_tf.models import zoo
+from maml_tf.config import ConfigError
+from maml_tf.models import resnet, zoo
 
 
-def get_model(config, dtype: str = "float32") -> keras.Sequential:
-    """The paper's network for ``config.dataset``, built and ready for ``FunctionalModel``."""
+def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) -> keras.Model:
+    """The network of ``config`` (or ``model_fn``'s), built and checked against the data's
+    input shape and output count."""
+    if model_fn is not None or config.is_custom_model:
+        fn = model_fn or load_model_fn(config.model)
+        return build_user_model(fn, input_shape(config), num_outputs(config), dtype)
     if config.is_regression:
         # cbfinn/maml's truncated normal (stddev 0.01): measured here, it keeps 1..10 inner
         # steps stable at alpha = 0.01, where Glorot's init let some 5-shot tasks diverge.
@@ -19,11 +36,95 @@ def get_model(config, dtype: str = "float32") -> keras.Sequential:
         h, w, c = config.image_shape
         return _flattened(zoo.mlp(h * w * c, [256, 128, 64, 64], config.way, batch_norm=True,
                                   dtype=dtype), config.image_shape, dtype)
+    if config.model_name == "resnet12":
+        return resnet.resnet12(config.image_shape, config.way, dtype=dtype)
     return zoo.conv4(config.image_shape, config.way, filters=config.filters, pool=config.pool,
                      dtype=dtype, norm=config.norm)
+
+
+def input_shape(config) -> tuple[int, ...]:
+    """One example's shape: ``(1,)`` for sinusoid, ``(H, W, C)`` for images."""
+    return (1,) if config.is_regression else tuple(config.image_shape)
+
+
+def num_outputs(config) -> int:
+    return 1 if config.is_regression else config.way
 
 
 def _flattened(mlp: keras.Sequential, image_shape, dtype) -> keras.Sequential:
     from maml_tf.models.layers import Flatten
     return keras.Sequential([keras.Input(tuple(image_shape), dtype=dtype),
                              Flatten(dtype=dtype, name="flatten")] + mlp.layers, name="mlp")
+
+
+def load_model_fn(spec: str) -> Callable:
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--model={spec!r} is neither a zoo model ({', '.join(('auto', 'mlp', 'conv4', 'resnet12'))}) "
+                          "nor 'package.module:function' / 'path/to/file.py:function'.")
+    try:
+        if module_name.endswith(".py"):
+            path = os.path.abspath(module_name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no file {path}")
+            name = "maml_tf_user_model_" + os.path.splitext(os.path.basename(path))[0]
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as e:   # noqa: BLE001 -- reported as one paragraph
+        raise ConfigError(f"--model={spec!r}: the module {module_name!r} could not be loaded "
+                          f"({type(e).__name__}: {e}). Run from the directory that holds it, add "
+                          "that directory to PYTHONPATH, or give a path: "
+                          "--model=path/to/file.py:function.") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ConfigError(f"--model={spec!r}: {module_name!r} has no attribute {attr!r}. "
+                              "Name a function(input_shape, num_outputs) that returns a keras.Model.")
+    if not callable(fn):
+        raise ConfigError(f"--model={spec!r}: {attr!r} is a {type(fn).__name__}, not a function.")
+    return fn
+
+
+def model_spec(fn: Callable) -> str | None:
+    """The ``--model`` value that rebuilds ``fn`` in another process, or None (a lambda, a
+    function defined inside another, or one without a file)."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or not name or "<" in name:
+        return None
+    if module == "__main__":
+        path = getattr(sys.modules.get("__main__"), "__file__", None)
+        return f"{os.path.abspath(path)}:{name}" if path else None
+    return f"{module}:{name}"
+
+
+def build_user_model(fn: Callable, shape: tuple[int, ...], outputs: int,
+                     dtype: str = "float32") -> keras.Model:
+    """Calls ``fn(shape, outputs)``, builds the model on a dummy batch and checks that it
+    maps ``[N, *shape]`` to ``[N, outputs]``."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        model = fn(tuple(shape), int(outputs))
+    except Exception as e:   # noqa: BLE001 -- reported as one paragraph
+        raise ConfigError(f"The model function {name}(input_shape={tuple(shape)}, "
+                          f"num_outputs={outputs}) raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"The model function {name} returned a {type(model).__name__}, not a "
+                          "keras.Model: return keras.Model(inputs, outputs), a keras.Sequential "
+                          "or an instance of your keras.Model subclass.")
+    probe = np.zeros((2,) + tuple(shape), dtype=model.compute_dtype)
+    try:
+        out = model(probe, training=False)
+    except Exception as e:   # noqa: BLE001
+        raise ConfigError(f"The model from {name} cannot take inputs of shape "
+                          f"{(None,) + tuple(shape)}: {type(e).__name__}: {e}") from e
+    if tuple(out.shape) != (2, outputs):
+        raise ConfigError(f"The model from {name} maps inputs {(None,) + tuple(shape)} to "
+                          f"{(None,) + tuple(out.shape[1:])}; it must give {(None, outputs)} "
+                          f"(num_outputs={outputs} logits or values per example).")
+    return model

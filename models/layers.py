@@ -45,6 +45,107 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
     return out, total // 2, total - total // 2
 
 
+def _window_slices(x, window, strides, padding, dilation=(1, 1), pad_value=0.0):
+    """The ``kh * kw`` strided slices of ``x [T, N, H, W, C]`` that a 2-D window visits:
+    slice ``(i, j)`` is ``[T, N, Ho, Wo, C]``, the input under window offset (i, j) at every
+    output position. TF's 'SAME' / 'VALID' padding; ``pad_value`` fills the padding."""
+    (kh, kw), (sh, sw), (dh, dw) = window, strides, dilation
+    h, w = x.shape[2], x.shape[3]
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if padding == "same":
+        ho, top, bottom = _same_padding(h, ekh, sh)
+        wo, left, right = _same_padding(w, ekw, sw)
+        if top or bottom or left or right:
+            x = tf.pad(x, [[0, 0], [0, 0], [top, bottom], [left, right], [0, 0]],
+                       constant_values=pad_value)
+    elif padding == "valid":
+        ho, wo = (h - ekh) // sh + 1, (w - ekw) // sw + 1
+    else:
+        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}.")
+    return [x[:, :, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+
+
+def conv2d(x, kernel, strides=(1, 1), padding="same", dilation=(1, 1)):
+    """2-D convolution of T tasks at once, as im2col + one batched matmul.
+
+    x ``[T, N, H, W, Cin]``; kernel ``[T or 1, kh, kw, Cin, Cout]`` -> ``[T, N, Ho, Wo, Cout]``.
+    Written with pads, strided slices and ``matmul`` only, whose derivatives of every order
+    are exact and fuse well under XLA.
+    """
+    kh, kw, cin, cout = kernel.shape[1:]
+    slices = _window_slices(x, (kh, kw), strides, padding, dilation)
+    ho, wo = slices[0].shape[2], slices[0].shape[3]
+    cols = tf.reshape(tf.concat(slices, axis=-1), [tf.shape(x)[0], -1, kh * kw * cin])
+    out = tf.matmul(cols, tf.reshape(kernel, [-1, kh * kw * cin, cout]))
+    return tf.reshape(out, [tf.shape(x)[0], tf.shape(x)[1], ho, wo, cout])
+
+
+def depthwise_conv2d(x, kernel, strides=(1, 1), padding="same", dilation=(1, 1)):
+    """Depthwise 2-D convolution: x ``[T, N, H, W, C]``, kernel ``[T or 1, kh, kw, C, M]`` ->
+    ``[T, N, Ho, Wo, C * M]`` (channel c's m-th output at ``c * M + m``, as Keras)."""
+    kh, kw, c, m = kernel.shape[1:]
+    slices = _window_slices(x, (kh, kw), strides, padding, dilation)
+    ho, wo = slices[0].shape[2], slices[0].shape[3]
+    cols = tf.reshape(tf.stack(slices, axis=-2), [tf.shape(x)[0], -1, kh * kw, c])
+    out = tf.einsum("tpkc,tkcm->tpcm", cols,
+                    tf.broadcast_to(tf.reshape(kernel, [-1, kh * kw, c, m]),
+                                    [tf.shape(x)[0], kh * kw, c, m]))
+    return tf.reshape(out, [tf.shape(x)[0], tf.shape(x)[1], ho, wo, c * m])
+
+
+def pool2d(x, window, strides, padding, kind):
+    """Max or average pooling of ``x [T, N, H, W, C]`` with TF's padding rules (max ignores
+    the padding; average divides by the number of real inputs under the window).
+
+    Max-pool is built from slices and ``reduce_max`` (never the ``MaxPool`` op, whose
+    second derivative XLA gets wrong in float32); a non-overlapping 'valid' window is a
+    reshape + reduce.
+    """
+    (ph, pw), (sh, sw) = window, strides
+    reduce = tf.reduce_max if kind == "max" else tf.reduce_mean
+    if padding == "valid" and (ph, pw) == (sh, sw):
+        h, w, c = x.shape[2] // ph, x.shape[3] // pw, x.shape[4]
+        x = x[:, :, :h * ph, :w * pw, :]
+        x = tf.reshape(x, [tf.shape(x)[0], tf.shape(x)[1], h, ph, w, pw, c])
+        return reduce(x, axis=[3, 5])
+    if kind == "max":
+        low = x.dtype.min
+        return tf.reduce_max(tf.stack(_window_slices(x, window, strides, padding,
+                                                     pad_value=low), -1), -1)
+    total = tf.add_n(_window_slices(x, window, strides, padding))
+    ones = tf.ones([1, 1, x.shape[2], x.shape[3], 1], x.dtype)
+    count = tf.add_n(_window_slices(ones, window, strides, padding))   # constant-folded
+    return total / count
+
+
+def normalize(x, axes, gamma, beta, epsilon, stats=None, collect=None):
+    """``(x - mean) / sqrt(var + epsilon) * gamma + beta`` over ``axes``, with the variance
+    taken with the mean *inside* the gradient (no ``stop_gradient``), which second-order
+    meta-gradients need. ``gamma`` / ``beta`` broadcast against x (None: 1 / 0).
+
+    stats: optional ``(mean [C], var [C])`` over the last axis, used instead of the batch's
+    own (running statistics); collect: a list that receives this call's batch
+    ``(mean [C], var [C])`` over the last axis, averaged over tasks.
+    """
+    if stats is not None:
+        mean, var = (tf.cast(tf.reshape(s, [1] * (x.shape.rank - 1) + [-1]), x.dtype)
+                     for s in stats)
+        centred = x - mean
+    else:
+        centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
+        var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
+    if collect is not None:
+        reduce = list(range(x.shape.rank - 1))
+        collect.append((tf.reduce_mean(tf.stop_gradient(x), axis=reduce),
+                        tf.reduce_mean(tf.stop_gradient(var), axis=reduce)))
+    scale = tf.math.rsqrt(var + epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    out = centred * scale
+    return out if beta is None else out + beta
+
+
 class Conv2D(TaskBatchedLayer):
     """3x3 (or k x k) convolution, 'SAME' padding, as im2col + one batched matmul.
 
@@ -69,21 +170,10 @@ class Conv2D(TaskBatchedLayer):
             self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
 
     def batched_apply(self, params, x, training=True):
-        kernel = params[0]
-        t = tf.shape(x)[0]
-        n = tf.shape(x)[1]
-        h, w, cin = x.shape[2], x.shape[3], x.shape[4]
-        k, s = self.kernel_size, self.strides
-        ho, top, bottom = _same_padding(h, k, s)
-        wo, left, right = _same_padding(w, k, s)
-        xp = tf.pad(x, [[0, 0], [0, 0], [top, bottom], [left, right], [0, 0]])
-        patches = [xp[:, :, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s, :]
-                   for i in range(k) for j in range(k)]
-        cols = tf.reshape(tf.concat(patches, axis=-1), [t, -1, k * k * cin])
-        out = tf.matmul(cols, tf.reshape(kernel, [t, k * k * cin, self.filters]))
+        out = conv2d(x, params[0], (self.strides, self.strides), "same")
         if self.use_bias:
-            out = out + params[1][:, None, :]
-        return tf.reshape(out, [t, n, ho, wo, self.filters])
+            out = out + params[1][:, None, None, None, :]
+        return out
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
@@ -112,21 +202,9 @@ class _Normalization(TaskBatchedLayer):
         statistics; only for batch norm). ``collect``: a list that receives this call's batch
         ``(mean [C], var [C])``, averaged over tasks."""
         gamma, beta = params
-        axes = self.axes(x)
         shape = [-1] + [1] * (x.shape.rank - 2) + [x.shape[-1]]
-        if stats is not None:
-            mean, var = (tf.cast(tf.reshape(s, [1] * (x.shape.rank - 1) + [-1]), x.dtype)
-                         for s in stats)
-            centred = x - mean
-        else:
-            centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
-            var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
-        if collect is not None:
-            reduce = list(range(x.shape.rank - 1))
-            collect.append((tf.reduce_mean(tf.stop_gradient(x), axis=reduce),
-                            tf.reduce_mean(tf.stop_gradient(var), axis=reduce)))
-        scale = tf.reshape(gamma, shape) * tf.math.rsqrt(var + self.epsilon)
-        return centred * scale + tf.reshape(beta, shape)
+        return normalize(x, self.axes(x), tf.reshape(gamma, shape), tf.reshape(beta, shape),
+                         self.epsilon, stats, collect)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -192,10 +270,7 @@ class MaxPool2x2(TaskBatchedLayer):
     """
 
     def batched_apply(self, params, x, training=True):
-        h, w, c = x.shape[2] // 2, x.shape[3] // 2, x.shape[4]
-        x = x[:, :, :2 * h, :2 * w, :]
-        x = tf.reshape(x, [tf.shape(x)[0], tf.shape(x)[1], h, 2, w, 2, c])
-        return tf.reduce_max(x, axis=[3, 5])
+        return pool2d(x, (2, 2), (2, 2), "valid", "max")
 
 
 class GlobalAvgPool(TaskBatchedLayer):

@@ -16,8 +16,7 @@ from maml_tf.learners import build_learner
 from maml_tf.meta_learner import MetaLearner
 from maml_tf.train_loop import current_lr, make_optimizer
 from maml_tf.models import get_model
-from maml_tf.models.functional import FunctionalModel
-from maml_tf.models.layers import _Normalization
+from maml_tf.models.keras_layers import is_normalization
 
 WAY, SHOT, QUERY, TASKS = 5, 2, 2, 3
 
@@ -51,8 +50,8 @@ def _sinusoid_episode(seed=0):
 class _Masked(MetaLearner):
     """MAML whose inner loop leaves the parameters with index in ``frozen`` unchanged."""
 
-    def __init__(self, *args, frozen=(), **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, frozen=(), **kwargs):
+        super().__init__(model, **kwargs)
         self.frozen = set(frozen)
 
     def inner_lr_for(self, index, step, extra, dtype):
@@ -60,7 +59,7 @@ class _Masked(MetaLearner):
 
 
 def _loss_and_grads(learner, weights, episode, steps, **kw):
-    loss, grads, _ = learner.meta_gradient(list(weights), episode, steps, **kw)
+    loss, grads, _ = learner.meta_step(list(weights), episode, steps, **kw)
     return float(loss), [g.numpy() for g in grads]
 
 
@@ -152,8 +151,8 @@ class ReptileTest(tf.test.TestCase):
         learner = build_learner(config, model)
         ep = _episode(2)
         theta = [w.numpy() for w in learner.meta_weights()]
-        phi = learner.adapt(learner.meta_weights(), ep.support_x, ep.support_y, 2)[-1]
-        _, grads, _ = learner.meta_gradient(learner.meta_weights(), ep, 2)
+        phi = learner.inner_loop(learner.meta_weights(), ep.support_x, ep.support_y, 2)[-1]
+        _, grads, _ = learner.meta_step(learner.meta_weights(), ep, 2)
         optimizer = make_optimizer(config)
         optimizer.apply(grads, learner.meta_variables)
         for t, p, v in zip(theta, phi, learner.meta_variables):
@@ -185,7 +184,7 @@ class AnilTest(tf.test.TestCase):
         ep = _episode(4)
         weights = learner.meta_weights()
         nb = len(learner.body.variables)
-        trajectory = learner.adapt(weights, ep.support_x, ep.support_y, 3)
+        trajectory = learner.inner_loop(weights, ep.support_x, ep.support_y, 3)
         for params in trajectory[1:]:
             for p, w in zip(params[:nb], weights[:nb]):
                 self.assertAllEqual(p.numpy(), np.broadcast_to(w.numpy(), p.shape))
@@ -197,8 +196,7 @@ class AnilTest(tf.test.TestCase):
         model = get_model(config)
         anil = build_learner(config, model)
         nb = len(anil.body.variables)
-        masked = _Masked(FunctionalModel(model), losses.cross_entropy, losses.accuracy,
-                         config.inner_lr, frozen=range(nb))
+        masked = _Masked(model, inner_lr=config.inner_lr, frozen=range(nb))
         ep = _episode(5)
         loss_a, grads_a = _loss_and_grads(anil, anil.meta_weights(), ep, 2)
         loss_m, grads_m = _loss_and_grads(masked, masked.meta_weights(), ep, 2)
@@ -227,9 +225,8 @@ class MamlPlusPlusTest(tf.test.TestCase):
         model = get_model(config)
         mamlpp = build_learner(config, model)
         owners = mamlpp.net.param_layers()
-        norm = [i for i, layer in enumerate(owners) if isinstance(layer, _Normalization)]
-        masked = _Masked(FunctionalModel(model), losses.cross_entropy, losses.accuracy,
-                         config.inner_lr, frozen=norm)
+        norm = [i for i, layer in enumerate(owners) if is_normalization(layer)]
+        masked = _Masked(model, inner_lr=config.inner_lr, frozen=norm)
         ep = _episode(7)
         loss_p, grads_p = _loss_and_grads(mamlpp, mamlpp.meta_weights(), ep, 2)
         loss_m, grads_m = _loss_and_grads(masked, masked.meta_weights(), ep, 2)
@@ -250,12 +247,12 @@ class MamlPlusPlusTest(tf.test.TestCase):
             learner = build_learner(config, get_model(config))
             ep = _episode(11)
             if bnrs:   # a meta-training step fills the running statistics
-                _, _, per_step = learner.meta_gradient(learner.meta_weights(), ep, 2)
+                _, _, per_step = learner.meta_step(learner.meta_weights(), ep, 2)
                 self.assertLen(per_step.state_update, 8)   # mean and variance of 4 layers
                 learner.update_state(per_step.state_update)
                 self.assertGreater(float(tf.reduce_max(tf.abs(learner.state[0]))), 0)
             weights = learner.meta_weights()
-            fast = learner.adapt(weights, ep.support_x, ep.support_y, 2)[-1]
+            fast = learner.inner_loop(weights, ep.support_x, ep.support_y, 2)[-1]
             extra = learner.split(weights)[1]
             loss = lambda x, y: learner.query_metrics(fast, x, y, extra, 2)[0].numpy()
             qx, qy = ep.query_x, ep.query_y
@@ -355,6 +352,6 @@ class PretrainTest(tf.test.TestCase):
         expected = -np.take_along_axis(logp, labels[..., None], -1).mean()
         self.assertAllClose(loss, expected, rtol=1e-5)
         # Fine-tuning starts from the body and a zero head.
-        start = learner.adapt(learner.meta_weights(), ep.support_x, ep.support_y, 1)[0]
+        start = learner.inner_loop(learner.meta_weights(), ep.support_x, ep.support_y, 1)[0]
         for p in start[-nh:]:
             self.assertAllEqual(p.numpy(), np.zeros(p.shape))

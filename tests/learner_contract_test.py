@@ -70,7 +70,7 @@ class LearnerContract:
 
         @tf.function
         def step(ep, iteration, first_order):
-            loss, grads, per_step = self.learner.meta_gradient(
+            loss, grads, per_step = self.learner.meta_step(
                 self.learner.meta_weights(), ep, self.steps, iteration, first_order)
             self.optimizer.apply(grads[:len(variables)], variables)
             if per_step.state_update is not None:
