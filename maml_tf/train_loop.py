@@ -24,7 +24,7 @@ from maml_tf import data as data_lib
 from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_lib, plots
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
 from maml_tf.learners import build_learner, train_inner_steps
-from maml_tf.models import get_model, model_spec
+from maml_tf.models import entering_run, get_model, model_spec
 
 
 class NonFiniteError(FloatingPointError):
@@ -91,6 +91,7 @@ def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
     """Evaluates the latest checkpoint of ``workdir`` on its fixed test tasks (as ``python
     -m maml_tf.evaluate``). ``overrides``: evaluation settings of the config (for example
     ``eval_tasks``); ``model``: as for ``run`` when the run was given one from Python."""
+    entering_run()
     with open(os.path.join(workdir, "config.json")) as f:
         values = {**json.load(f), **overrides}
     config = Config.from_dict(values)
@@ -299,6 +300,7 @@ def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> di
     strategy only; pass it again to resume).
     """
     # -- 1. Set-up --------------------------------------------------------------------
+    entering_run()
     r = build(config, workdir, overwrite, model)
     config = r.config
     workdir = r.workdir

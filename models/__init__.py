@@ -7,10 +7,12 @@ function, ``package.module:function`` or ``path/to/file.py:function``, called as
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+import types
 from typing import Callable
 
 import keras
@@ -57,6 +59,32 @@ def _flattened(mlp: keras.Sequential, image_shape, dtype) -> keras.Sequential:
                              Flatten(dtype=dtype, name="flatten")] + mlp.layers, name="mlp")
 
 
+# While a model file is executed to find its function, a run that its top-level code starts
+# (a script without an ``if __name__ == "__main__":`` guard) must not start: it would train
+# again. ``entering_run`` stops the file's execution there instead.
+_LOADING = types.SimpleNamespace(depth=0)
+_FILE_PREFIX = "maml_tf_user_model_"
+
+
+class _StopLoading(Exception):
+    """Raised by ``entering_run`` while a model file is being loaded."""
+
+
+def entering_run() -> None:
+    """Called by ``train`` / ``evaluate_workdir``: refuses to run inside a model file's load."""
+    if _LOADING.depth:
+        raise _StopLoading()
+
+
+@contextlib.contextmanager
+def _loading():
+    _LOADING.depth += 1
+    try:
+        yield
+    finally:
+        _LOADING.depth -= 1
+
+
 def load_model_fn(spec: str) -> Callable:
     """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
     module_name, sep, attr = spec.rpartition(":")
@@ -68,11 +96,15 @@ def load_model_fn(spec: str) -> Callable:
             path = os.path.abspath(module_name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no file {path}")
-            name = "maml_tf_user_model_" + os.path.splitext(os.path.basename(path))[0]
+            name = _FILE_PREFIX + os.path.splitext(os.path.basename(path))[0]
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
-            module_spec.loader.exec_module(module)
+            with _loading():
+                try:
+                    module_spec.loader.exec_module(module)
+                except _StopLoading:
+                    pass   # the script went on to train: its functions above are defined
         else:
             module = importlib.import_module(module_name)
     except Exception as e:   # noqa: BLE001 -- reported as one paragraph
@@ -97,8 +129,8 @@ def model_spec(fn: Callable) -> str | None:
     module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or not name or "<" in name:
         return None
-    if module == "__main__":
-        path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if module == "__main__" or module.startswith(_FILE_PREFIX):
+        path = getattr(sys.modules.get(module), "__file__", None)
         return f"{os.path.abspath(path)}:{name}" if path else None
     return f"{module}:{name}"
 

@@ -463,3 +463,17 @@ def test_readme_library_loop_runs(tmp_path, omniglot_dir):
     script.write_text(code)
     run = _python([str(script)], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_loading_a_model_file_never_starts_the_run_in_it(tmp_path):
+    """A script without a __main__ guard: rebuilding its model must not train again."""
+    workdir = tmp_path / "would_train"
+    (tmp_path / "script.py").write_text(USER_NETS + (
+        "\nimport maml_tf\n"
+        f"maml_tf.train(maml_tf.Config(num_iterations=1), workdir={str(workdir)!r}, model=mlp)\n"
+        "raise AssertionError('unreachable: the load stops at the run')\n"))
+    from maml_tf.models import load_model_fn, model_spec
+    fn = load_model_fn(f"{tmp_path / 'script.py'}:mlp")
+    assert fn((1,), 1).output_shape == (None, 1)
+    assert not workdir.exists()
+    assert model_spec(fn) == f"{tmp_path / 'script.py'}:mlp"
