@@ -202,6 +202,13 @@ def _spawn(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child"] + args, env=env,
                           capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode == -9 and not lines:
+        # The kernel's OOM killer: a configuration that does not fit is a result too.
+        print(f"benchmark child {args} was killed (SIGKILL: out of memory?)", file=sys.stderr)
+        keys = dict(a[2:].split("=", 1) for a in args if "=" in a)
+        return {"case": keys.get("case", "?"), "model": keys.get("model", "conv4"),
+                "order": keys.get("order", "?"), "task_chunks": keys.get("task_chunks", "?"),
+                "killed": True}
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark child {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
@@ -211,6 +218,10 @@ def _print_speed(rows):
     print("| case | model | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | loop tasks/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("killed"):
+            print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | "
+                  "killed: out of memory | | | | | | |")
+            continue
         print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | {r['tasks_per_s']:.3g} | {r['compile_s']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
               f"{r.get('loop_tasks_per_s', float('nan')):.0f} | {r.get('speedup_vs_loop', float('nan')):.2f}x |")

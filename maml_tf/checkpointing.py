@@ -1,14 +1,22 @@
-"""The workdir: checkpoints (restore-or-init), config.json / flags.cfg, atomic JSON."""
+"""The workdir: its lock, checkpoints (restore-or-init with fallback), config.json /
+flags.cfg, atomic JSON."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 
 import tensorflow as tf
+from absl import logging
 
 from maml_tf.config import Config, ConfigError
 
@@ -16,6 +24,48 @@ from maml_tf.config import Config, ConfigError
 RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
                   "data_source", "inner_recompute", "cpu_devices", "task_chunks"}
+
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirBusyError(ConfigError):
+    """Another live process owns the workdir."""
+
+
+class CheckpointError(ConfigError):
+    """No checkpoint of the workdir can be loaded."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Makes this process the workdir's one owner while the context lasts.
+
+    An ``fcntl`` lock on ``<workdir>/.lock``: the kernel releases it when the process ends,
+    however it ends (``kill -9`` included), so a dead run never leaves it stuck. The file
+    names the owner, for the message another process gets.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        with open(path) as f:
+            owner = f.read().strip() or "a process that did not say which"
+        os.close(fd)
+        raise WorkdirBusyError(
+            f"--workdir={workdir} is in use by another run ({owner}). Two runs on one workdir "
+            "would corrupt it, and --overwrite never touches a workdir in use: wait for that "
+            "run to end (or stop it), or use another --workdir.") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n").encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -58,13 +108,88 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
             aside = os.path.join(workdir, time.strftime("replaced-%Y%m%d-%H%M%S"))
             os.makedirs(aside)
             for name in os.listdir(workdir):
-                if not name.startswith("replaced-"):
+                if not name.startswith("replaced-") and name != LOCK_NAME:
                     shutil.move(os.path.join(workdir, name), aside)
     atomic_write_text(path, config.to_json() + "\n")
     atomic_write_text(os.path.join(workdir, "flags.cfg"),
                       f"# Re-runs (or resumes) this experiment:\n"
                       f"#   python -m maml_tf.train --flagfile={os.path.join(workdir, 'flags.cfg')}\n"
                       f"--workdir={workdir}\n" + config.to_flagfile())
+
+
+def _number(path: str) -> int:
+    return int(path.rsplit("-", 1)[-1])
+
+
+def _candidates(directory: str) -> list[str]:
+    """Every checkpoint of ``directory``, newest first: those the ``checkpoint`` index lists
+    and any ``ckpt-N.index`` on disk (the index may be missing or garbled)."""
+    found = {p[:-len(".index")] for p in glob.glob(os.path.join(directory, "ckpt-*.index"))
+             if re.fullmatch(r"ckpt-\d+", os.path.basename(p)[:-len(".index")])}
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except Exception:   # noqa: BLE001 -- a garbled index is handled like a missing one
+        state = None
+    if state is not None:
+        found.update(os.path.join(directory, os.path.basename(p))
+                     for p in state.all_model_checkpoint_paths)
+    return sorted(found, key=_number, reverse=True)
+
+
+def _clean_leftovers(directory: str) -> None:
+    """Temporary files of a save that a kill interrupted (the previous checkpoint is intact)."""
+    for path in glob.glob(os.path.join(directory, "*_temp*")) + glob.glob(
+            os.path.join(directory, "checkpoint.tmp*")):
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def make_manager(checkpoint: tf.train.Checkpoint, directory: str,
+                 max_to_keep: int = 3) -> tf.train.CheckpointManager:
+    """A ``CheckpointManager`` whose latest checkpoint loads.
+
+    Checkpoints are tried newest first (each restore is checked: TF verifies every tensor's
+    checksum); one that fails is moved to ``<directory>/damaged/`` with a warning that says
+    why, and the ``checkpoint`` index is rewritten to the newest one that loads (also when
+    the index was missing or garbled). If none loads, ``CheckpointError`` says so.
+    """
+    os.makedirs(directory, exist_ok=True)
+    _clean_leftovers(directory)
+    candidates = _candidates(directory)
+    damaged, good = [], None
+    for path in candidates:
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+            good = path
+            break
+        except Exception as e:   # noqa: BLE001 -- any failure means: this one cannot be used
+            damaged.append((path, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+    if candidates and good is None:
+        details = "; ".join(f"{os.path.basename(p)} ({why})" for p, why in damaged)
+        raise CheckpointError(
+            f"No checkpoint in {directory} can be loaded: {details}. Nothing was changed. "
+            "Restore the checkpoints from a backup, or move the folder away to start this run "
+            "again from iteration 0.")
+    for path, why in damaged:
+        aside = os.path.join(directory, "damaged")
+        os.makedirs(aside, exist_ok=True)
+        for f in glob.glob(path + ".*"):
+            shutil.move(f, os.path.join(aside, os.path.basename(f)))
+        logging.warning("Skipped checkpoint %s: it cannot be loaded (%s); moved to %s/.",
+                        os.path.basename(path), why, aside)
+    if good is not None:
+        try:
+            state = tf.train.get_checkpoint_state(directory)
+        except Exception:   # noqa: BLE001
+            state = None
+        if damaged or state is None or os.path.basename(state.model_checkpoint_path) != \
+                os.path.basename(good):
+            kept = sorted((p for p in candidates if _number(p) <= _number(good)), key=_number)
+            tf.compat.v1.train.update_checkpoint_state(directory, good,
+                                                       all_model_checkpoint_paths=kept)
+            logging.warning("The checkpoint index of %s was %s; it now names %s.", directory,
+                            "missing or unreadable" if state is None else "out of date",
+                            os.path.basename(good))
+    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
 
 
 def restore_or_init(manager: tf.train.CheckpointManager) -> int | None:

@@ -6,7 +6,9 @@ Turns flags into a ``Config`` and calls ``train_loop.run``. Re-running the same 
 resumes from the workdir's latest checkpoint.
 """
 
-from absl import app, flags, logging
+import sys
+
+from absl import app, flags
 
 from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
 from maml_tf import train_loop
@@ -25,8 +27,10 @@ def main(argv):
         config = maml_flags.config_from_flags(FLAGS)
         train_loop.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
     except (ConfigError, InexactModelError) as e:
-        logging.error("%s", e)
         raise SystemExit(f"Configuration error: {e}")
+    except train_loop.RunInterrupted as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(e.exit_code)
 
 
 if __name__ == "__main__":

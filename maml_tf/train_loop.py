@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -29,6 +31,40 @@ from maml_tf.models import entering_run, get_model, model_spec
 
 class NonFiniteError(FloatingPointError):
     """The meta-loss or meta-gradient became NaN or Inf."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a checkpoint of its last iteration."""
+
+    def __init__(self, signum: int, step: int):
+        self.exit_code = 128 + signum
+        super().__init__(f"Stopped by {signal.Signals(signum).name} after iteration {step}: "
+                         f"checkpoint ckpt-{step} is saved; run the same command again to resume.")
+
+
+class _StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the iteration in
+    progress, which is then checkpointed; a second signal stops at once. Handlers can only
+    be installed in the main thread; elsewhere signals keep their usual effect."""
+
+    def __enter__(self):
+        self.requested, self._previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.requested = signum
+        logging.warning("%s received: stopping after this iteration (send it again to stop at "
+                        "once, without a checkpoint).", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 @dataclasses.dataclass
@@ -83,7 +119,7 @@ def build(config: Config, workdir: str, overwrite: bool = False, model=None) -> 
     checkpointing.prepare_workdir(workdir, config, overwrite)
     # The learner holds the algorithm's own meta-parameters (learned rates, ...).
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, learner=learner)
-    manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=3)
+    manager = checkpointing.make_manager(ckpt, os.path.join(workdir, "checkpoints"))
     return Run(config, workdir, strategy, model, learner, optimizer, step, manager)
 
 
@@ -95,6 +131,11 @@ def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
     with open(os.path.join(workdir, "config.json")) as f:
         values = {**json.load(f), **overrides}
     config = Config.from_dict(values)
+    with checkpointing.workdir_lock(distribute.worker_workdir(workdir)):
+        return _evaluate(config, workdir, model)
+
+
+def _evaluate(config: Config, workdir: str, model) -> dict:
     r = build(config, workdir, model=model)
     if checkpointing.restore_or_init(r.manager) is None:
         raise ConfigError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
@@ -299,8 +340,15 @@ def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> di
     and ``python -m maml_tf.evaluate`` rebuild it), or a built ``keras.Model`` (default
     strategy only; pass it again to resume).
     """
-    # -- 1. Set-up --------------------------------------------------------------------
     entering_run()
+    # One owner per workdir for the whole run (a second run is refused, naming this one),
+    # and SIGTERM / SIGINT end it with a checkpoint of the last completed iteration.
+    with checkpointing.workdir_lock(distribute.worker_workdir(workdir)), _StopSignals() as stop:
+        return _run(config, workdir, overwrite, model, stop)
+
+
+def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignals) -> dict:
+    # -- 1. Set-up --------------------------------------------------------------------
     r = build(config, workdir, overwrite, model)
     config = r.config
     workdir = r.workdir
@@ -321,7 +369,7 @@ def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> di
     eval_step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
                                           config.jit_compile)
     # -- 5. Loop --------------------------------------------------------------------------
-    history = _load_history(workdir)
+    history = _load_history(workdir, start)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
     schedule = Schedule(config)
     window = metrics_lib.TrainMetrics(train_inner_steps(config), config.is_regression)
@@ -330,6 +378,9 @@ def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> di
         for step in range(start + 1, config.num_iterations + 1):
             out = train_step(next(batches), r.learner.first_order_at(step - 1))
             _check_finite(out, step, last_log, config)
+            if stop.requested:
+                r.manager.save(checkpoint_number=step)
+                raise RunInterrupted(stop.requested, step)
             window.update(out)
             if schedule.log(step):
                 window.write(step, step - last_log, config.meta_batch_size,
@@ -342,15 +393,19 @@ def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> di
             if schedule.checkpoint(step):
                 r.manager.save(checkpoint_number=step)
     train_seconds = time.time() - t0
+    if stop.requested:   # during the last validation: the final checkpoint is saved
+        raise RunInterrupted(stop.requested, config.num_iterations)
     # -- 6. Final evaluation --------------------------------------------------------------
     return final_evaluation(r, eval_step, train_seconds, start)
 
 
-def _load_history(workdir: str) -> list:
+def _load_history(workdir: str, start: int) -> list:
+    """The validation curve up to the restored iteration ``start``: validations after the
+    checkpoint that the run resumes from are redone, so they must not stay twice."""
     path = os.path.join(workdir, "history.json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            return [h for h in json.load(f) if h["step"] <= start]
     return []
 
 

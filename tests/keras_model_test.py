@@ -132,7 +132,8 @@ class ExactnessTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLess(_fd_error(learner, _episode(3, shape=(16, 16, 3)), directions=3), 1e-6)
 
     @parameterized.named_parameters(("functional", conv_bn_relu_maxpool),
-                                    ("subclassed", _subclassed))
+                                    ("subclassed", _subclassed),
+                                    ("many_layers", lambda dtype: many_layers(dtype, dropout=0.0)))
     def test_float32_xla_agrees_with_float64(self, build):
         """Also guards the max-pool trap: XLA's MaxPool second derivative is wrong in float32."""
         keras.utils.set_random_seed(3)

@@ -83,3 +83,123 @@ def test_training_writes_only_inside_its_workdir(tmp_path, monkeypatch):
                                "checkpoint_every": 2})
     train_loop.run(config, str(tmp_path / "work"))
     assert sorted(os.listdir(tmp_path)) == ["cwd", "work"] and not os.listdir(cwd)
+
+
+# -- one owner per workdir; SIGTERM / SIGINT save; damaged checkpoints; history ------------------
+SMOKE = {"num_iterations": 4, "log_every": 2, "eval_every": 1, "checkpoint_every": 2,
+         "eval_tasks": 4, "val_tasks": 2, "meta_batch_size": 2}
+
+
+def _wait_for(proc, path_glob, timeout=120):
+    deadline = time.time() + timeout
+    while not glob.glob(path_glob):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+
+
+def test_a_second_run_is_refused_while_one_owns_the_workdir_and_sigterm_saves(tmp_path):
+    from maml_tf.checkpointing import WorkdirBusyError
+    straight, workdir = str(tmp_path / "straight"), str(tmp_path / "run")
+    assert _train(straight).wait() == 0
+    proc = _train(workdir)
+    _wait_for(proc, os.path.join(workdir, "checkpoints", "ckpt-*.index"))
+    # A second run, even with --overwrite, is refused and names the owner; nothing moves.
+    config = Config.from_dict({"seed": 1, "num_iterations": 2})
+    try:
+        train_loop.run(config, workdir, overwrite=True)
+        raise AssertionError("the second run was not refused")
+    except WorkdirBusyError as e:
+        assert f"pid {proc.pid}" in str(e) and "in use by another run" in str(e)
+    assert not glob.glob(os.path.join(workdir, "replaced-*"))
+    # Preemption: SIGTERM saves the last completed iteration, says so, exits non-zero.
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Stopped by SIGTERM after iteration" in err and "Traceback" not in err, err[-2000:]
+    step = int(err.split("Stopped by SIGTERM after iteration ")[1].split(":")[0])
+    assert os.path.exists(os.path.join(workdir, "checkpoints", f"ckpt-{step}.index"))
+    assert 0 < step < 300
+    # The lock died with its owner; resuming ends bitwise where the uninterrupted run did.
+    resumed = _train(workdir)
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    (a, sa), (b, sb) = _final_weights(straight), _final_weights(workdir)
+    assert sa == sb == 300
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    history = json.load(open(os.path.join(workdir, "history.json")))
+    assert [h["step"] for h in history] == [100, 200, 300]
+
+
+def test_ctrl_c_saves_and_exits_without_a_traceback(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _train(workdir)
+    _wait_for(proc, os.path.join(workdir, "checkpoints", "ckpt-*.index"))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Stopped by SIGINT" in err and "Traceback" not in err, err[-2000:]
+
+
+def _damage(kind, checkpoints):
+    data = glob.glob(os.path.join(checkpoints, "ckpt-4.data-*"))[0]
+    if kind == "truncated data":
+        open(data, "r+b").truncate(40)
+    elif kind == "empty data":
+        open(data, "r+b").truncate(0)
+    elif kind == "flipped byte":
+        blob = bytearray(open(data, "rb").read())
+        blob[len(blob) // 2] ^= 0xFF
+        open(data, "wb").write(blob)
+    elif kind == "truncated index":
+        open(os.path.join(checkpoints, "ckpt-4.index"), "r+b").truncate(30)
+    elif kind == "deleted data":
+        os.remove(data)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    import shutil
+    base = str(tmp_path / "base")
+    train_loop.run(Config.from_dict(SMOKE), base)   # ckpt-2 and ckpt-4, validation at 1..4
+    for kind in ("truncated data", "empty data", "flipped byte", "truncated index",
+                 "deleted data"):
+        workdir = str(tmp_path / kind.replace(" ", "_"))
+        shutil.copytree(base, workdir)
+        _damage(kind, os.path.join(workdir, "checkpoints"))
+        results = train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
+        assert results["iterations_this_session"] == 4, kind    # resumed at 2, not 0 or 4
+        assert glob.glob(os.path.join(workdir, "checkpoints", "damaged", "ckpt-4.*")), kind
+        history = json.load(open(os.path.join(workdir, "history.json")))
+        assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6], kind   # no duplicates
+
+
+def test_a_missing_or_garbled_checkpoint_index_still_resumes(tmp_path):
+    import shutil
+    base = str(tmp_path / "base")
+    train_loop.run(Config.from_dict(SMOKE), base)
+    for kind in ("missing", "garbled"):
+        workdir = str(tmp_path / kind)
+        shutil.copytree(base, workdir)
+        index = os.path.join(workdir, "checkpoints", "checkpoint")
+        os.remove(index) if kind == "missing" else open(index, "w").write("not { a checkpoint")
+        results = train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
+        assert results["iterations_this_session"] == 2, kind    # resumed at 4, not 0
+        assert [h["step"] for h in json.load(open(os.path.join(workdir, "history.json")))] \
+            == [1, 2, 3, 4, 5, 6]
+
+
+def test_no_loadable_checkpoint_is_one_clear_paragraph(tmp_path):
+    from maml_tf.checkpointing import CheckpointError
+    workdir = str(tmp_path / "run")
+    train_loop.run(Config.from_dict(SMOKE), workdir)
+    for data in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.data-*")):
+        open(data, "r+b").truncate(10)
+    try:
+        train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
+        raise AssertionError("no error")
+    except CheckpointError as e:
+        assert "No checkpoint in" in str(e) and "ckpt-4" in str(e) and "ckpt-2" in str(e)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "damaged"))   # untouched

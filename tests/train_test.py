@@ -91,9 +91,15 @@ def _flagfile_config(cfg, workdir):
         config = maml_flags.config_from_flags(values)
     finally:
         values.unparse_flags()
-    return Config.from_dict({**config.to_dict(), "num_iterations": 2, "eval_tasks": 2,
-                             "val_tasks": 2, "log_every": 1, "eval_every": 2,
-                             "checkpoint_every": 2, "jit_compile": False})
+    values = {**config.to_dict(), "num_iterations": 2, "eval_tasks": 2, "val_tasks": 2,
+              "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "jit_compile": False}
+    if config.model == "resnet12":
+        # One second-order ResNet-12 task at 84x84 with 15 queries takes ~10 GB and 20 s
+        # here: the smoke run keeps the flagfile's model and flags, with 1 task, 1 query and
+        # 1 inner step.
+        values.update(meta_batch_size=1, task_chunks=1, query=1, inner_steps=1,
+                      eval_inner_steps=1)
+    return Config.from_dict(values)
 
 
 @pytest.mark.parametrize("cfg", sorted(os.path.relpath(p, ROOT) for p in
