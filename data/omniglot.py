@@ -38,6 +38,7 @@ import socket
 import zipfile
 
 import numpy as np
+from absl import logging
 
 from maml_tf.data.errors import DataError
 
@@ -69,9 +70,19 @@ def _from_npz(data_dir: str) -> dict[str, np.ndarray]:
 def _verify_checksums(data_dir: str, names: list[str]) -> None:
     sums_path = os.path.join(data_dir, "SHA256SUMS")
     if not os.path.exists(sums_path):
+        logging.warning("%s has no SHA256SUMS beside %s: their checksums were not verified.",
+                        data_dir, ", ".join(names))
         return
+    expected = {}
     with open(sums_path) as f:
-        expected = {line.split()[1].lstrip("*"): line.split()[0] for line in f if line.strip()}
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
+                raise DataError(f"{sums_path} line {number} is not '<sha256> <file name>' "
+                                f"({line.strip()[:80]!r}); fix or remove that line.")
+            expected[fields[1].lstrip("*")] = fields[0].lower()
     for name in names:
         if name not in expected:
             continue

@@ -86,7 +86,7 @@ class Config:
     def __post_init__(self):
         # Built by hand (maml_tf.Config(...)) or from flags: checked the same way.
         if self.eval_shots is not None and not isinstance(self.eval_shots, tuple):
-            object.__setattr__(self, "eval_shots", tuple(int(s) for s in self.eval_shots))
+            object.__setattr__(self, "eval_shots", _ints("eval_shots", self.eval_shots))
         self.validate()
 
     # -- derived values -----------------------------------------------------------------
@@ -158,7 +158,7 @@ class Config:
             raise ConfigError(f"Unknown config keys {unknown}; known keys: {sorted(names)}.")
         values = dict(values)
         if "eval_shots" in values and values["eval_shots"] is not None:
-            values["eval_shots"] = tuple(int(s) for s in values["eval_shots"])
+            values["eval_shots"] = _ints("eval_shots", values["eval_shots"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,8 +220,19 @@ class Config:
         for name in ("log_every", "eval_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 1)
         _at_least("cpu_devices", self.cpu_devices, 0, "(0 keeps one CPU device)")
+        _at_least("seed", self.seed, 0)
+        _at_least("eval_seed", self.eval_seed, 0)
         _at_least("num_filters", self.num_filters, 0, "(0 picks 64 for Omniglot, 32 for mini-ImageNet)")
         self._validate_combinations()
+
+    def warnings(self) -> list[str]:
+        """Settings that run but are probably not what was meant."""
+        out = []
+        adapts = self.algorithm not in ("protonet", "pretrain")
+        if adapts and self.inner_steps == 0:
+            out.append(f"--inner_steps=0 with --algorithm={self.algorithm}: the inner loop never "
+                       "adapts in meta-training, so this trains one network for all tasks.")
+        return out
 
     def _validate_combinations(self) -> None:
         if self.is_regression and self.model_name == "conv4":
@@ -271,8 +282,20 @@ class Config:
         if self.is_metric_learner and self.is_regression:
             raise ConfigError("--algorithm=protonet classifies by class prototypes; it does not "
                               "apply to --dataset=sinusoid.")
+        if self.cpu_devices and self.strategy == "default":
+            raise ConfigError(f"--cpu_devices={self.cpu_devices} splits the CPU into replicas for "
+                              "--strategy=mirrored; with the default strategy it does nothing: "
+                              "add --strategy=mirrored or drop --cpu_devices.")
         if self.min_meta_lr > self.meta_lr:
             raise ConfigError(f"--min_meta_lr={self.min_meta_lr} exceeds --meta_lr={self.meta_lr}.")
+
+
+def _ints(name: str, values) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name}={','.join(str(v) for v in values)} is invalid: it must be a "
+                          "comma-separated list of integers, e.g. --eval_shots=1,5.") from None
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

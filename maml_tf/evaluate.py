@@ -9,12 +9,10 @@ flags given on the command line that change only the evaluation (--eval_tasks,
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from maml_tf import cli, train_loop
 from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
-from maml_tf import train_loop
-from maml_tf.config import ConfigError
-from maml_tf.models.functional import InexactModelError
 
 FLAGS = flags.FLAGS
 EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "data_dir", "data_source",
@@ -27,11 +25,8 @@ def main(argv):
         raise SystemExit(f"--workdir={FLAGS.workdir!r} holds no config.json: pass the "
                          "workdir of a run started with maml_tf.train.")
     overrides = {k: FLAGS[k].value for k in EVAL_OVERRIDES if FLAGS[k].present}
-    try:
+    with cli.user_errors(verbose=FLAGS.verbosity >= 1):
         train_loop.evaluate_workdir(FLAGS.workdir, **overrides)
-    except (ConfigError, InexactModelError) as e:
-        logging.error("%s", e)
-        raise SystemExit(f"Configuration error: {e}")
 
 
 if __name__ == "__main__":

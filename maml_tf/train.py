@@ -6,14 +6,10 @@ Turns flags into a ``Config`` and calls ``train_loop.run``. Re-running the same 
 resumes from the workdir's latest checkpoint.
 """
 
-import sys
-
 from absl import app, flags
 
+from maml_tf import cli, train_loop
 from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
-from maml_tf import train_loop
-from maml_tf.config import ConfigError
-from maml_tf.models.functional import InexactModelError
 
 FLAGS = flags.FLAGS
 
@@ -23,14 +19,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory that holds this run.")
-    try:
+    with cli.user_errors(verbose=FLAGS.verbosity >= 1):
         config = maml_flags.config_from_flags(FLAGS)
         train_loop.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
-    except (ConfigError, InexactModelError) as e:
-        raise SystemExit(f"Configuration error: {e}")
-    except train_loop.RunInterrupted as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -355,6 +355,7 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
     splits = data_lib.describe_splits(config)
     if splits is not None:
         checkpointing.atomic_write_json(os.path.join(workdir, "split.json"), splits)
+    _preflight(r)
     # -- 2. Restore-or-init -------------------------------------------------------------
     restored = checkpointing.restore_or_init(r.manager)
     start = int(r.step.numpy())
@@ -397,6 +398,23 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
         raise RunInterrupted(stop.requested, config.num_iterations)
     # -- 6. Final evaluation --------------------------------------------------------------
     return final_evaluation(r, eval_step, train_seconds, start)
+
+
+def _preflight(r: Run) -> None:
+    """Checks what would otherwise fail hours in: the validation and test tasks split evenly
+    over the replicas, and the validation and test splits hold enough classes and images."""
+    config, replicas = r.config, r.strategy.num_replicas_in_sync
+    for flag, tasks in (("val_tasks", config.val_tasks), ("eval_tasks", config.eval_tasks)):
+        try:
+            data_lib.eval_batch_size(tasks, config.meta_batch_size, replicas)
+        except ValueError:
+            raise ConfigError(f"--{flag}={tasks} cannot be split evenly over the {replicas} "
+                              f"replicas: use a multiple of {replicas}.") from None
+    for split in ("train", "val", "test"):
+        for shot in ((config.shot,) if split == "train" else config.test_shots):
+            data_lib.check_split(config, split, shot)
+    for message in config.warnings():
+        logging.warning("%s", message)
 
 
 def _load_history(workdir: str, start: int) -> list:

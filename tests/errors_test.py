@@ -1,0 +1,88 @@
+"""Errors a user can cause: one paragraph naming the problem and the fix, found before
+training where they can be, never a traceback (unless --verbosity=1)."""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from maml_tf import train_loop
+from maml_tf.config import Config, ConfigError
+from maml_tf.data import omniglot
+from maml_tf.data.errors import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--num_iterations=2", "--meta_batch_size=2", "--eval_tasks=4", "--val_tasks=2",
+        "--eval_every=2", "--checkpoint_every=2"]
+
+
+def _train(tmp_path, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MAML_TF_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "maml_tf.train", f"--workdir={tmp_path / 'run'}",
+                           *FAST, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval_shots=5,abc"], "--eval_shots=5,abc is invalid: it must be a comma-separated list"),
+    (["--seed=-1"], "--seed=-1 is invalid"),
+    (["--cpu_devices=2"], "with the default strategy it does nothing"),
+    (["--inner_lr=1e30"], "Stopped: Non-finite meta-loss"),
+    (["--dataset=omniglot", "--data_source=npz", "--data_dir=/nonexistent"], "Data error"),
+])
+def test_the_entry_point_prints_one_paragraph_without_a_traceback(tmp_path, args, message):
+    out = _train(tmp_path, "--dataset=sinusoid", *args)
+    assert out.returncode != 0
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_verbosity_1_shows_the_traceback(tmp_path):
+    out = _train(tmp_path, "--dataset=sinusoid", "--inner_lr=1e30", "--verbosity=1")
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_replicas_that_do_not_divide_the_evaluation_tasks_fail_before_training(tmp_path):
+    config = Config.from_dict({"strategy": "mirrored", "cpu_devices": 2, "meta_batch_size": 2,
+                               "eval_tasks": 5, "val_tasks": 2, "num_iterations": 2})
+    with pytest.raises(ConfigError, match=r"--eval_tasks=5 cannot be split evenly over the 2"):
+        train_loop.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "checkpoint")
+
+
+def test_too_many_classes_for_the_test_split_fail_before_training(tmp_path, omniglot_dir):
+    config = Config.from_dict({"dataset": "omniglot", "data_dir": omniglot_dir, "way": 500,
+                               "meta_batch_size": 1, "num_iterations": 2, "eval_tasks": 2,
+                               "val_tasks": 2})
+    with pytest.raises(DataError, match=r"The val split of omniglot has \d+ classes"):
+        train_loop.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "train")   # no iteration ran
+
+
+def test_inner_steps_zero_with_an_adapting_algorithm_warns():
+    assert any("--inner_steps=0" in w for w in Config(inner_steps=0).warnings())
+    assert not Config(inner_steps=0, algorithm="pretrain").warnings()
+
+
+def _npz_copy(omniglot_dir, tmp_path):
+    data = tmp_path / "omniglot"
+    data.mkdir()
+    for name in ("images_background.npz", "images_evaluation.npz"):
+        shutil.copy(os.path.join(omniglot_dir, name), data / name)
+    return data
+
+
+def test_npz_without_sha256sums_says_the_checksum_was_not_verified(tmp_path, omniglot_dir, caplog):
+    data = _npz_copy(omniglot_dir, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        omniglot.load_raw(str(data), "npz")
+    assert "checksums were not verified" in caplog.text
+
+
+def test_a_malformed_sha256sums_line_names_the_line(tmp_path, omniglot_dir):
+    data = _npz_copy(omniglot_dir, tmp_path)
+    (data / "SHA256SUMS").write_text("not-a-hash\n")
+    with pytest.raises(DataError, match=r"SHA256SUMS line 1 is not '<sha256> <file name>'"):
+        omniglot.load_raw(str(data), "npz")
