@@ -29,7 +29,7 @@ def child(cfg: str, steps: int) -> dict:
     from maml_tf import data as data_lib
     from maml_tf import flags as maml_flags, train_loop
     from maml_tf.config import Config
-    flags.FLAGS(["prog", f"--flagfile={cfg}"])
+    flags.FLAGS(["prog"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
     config = maml_flags.config_from_flags(flags.FLAGS)
     if config.dataset == "mini_imagenet" and not config.data_dir:
         config = Config.from_dict({**config.to_dict(),

@@ -176,7 +176,7 @@ def algorithm_child(algorithm: str, windows: int, window_steps: int) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = os.path.join(root, "runs", "omniglot_5w1s" + ("" if algorithm == "maml" else f"_{algorithm}") + ".cfg")
     os.chdir(root)
-    flags.FLAGS(["bench", f"--flagfile={cfg}"])
+    flags.FLAGS(["bench"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
     data_dir = os.environ.get("MAML_TF_DATA_DIR") or os.path.join(root, "..", "shared", "data", "omniglot")
     config = Config.from_dict({**maml_flags.config_from_flags(flags.FLAGS).to_dict(),
                                "data_dir": data_dir})

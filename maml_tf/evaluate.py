@@ -4,19 +4,24 @@
 
 Reads the run's config.json (a user's ``--model=module:function`` is rebuilt from it);
 flags given on the command line that change only the evaluation (--eval_tasks,
---eval_inner_steps, --eval_shots, --data_dir) override it.
+--eval_inner_steps, --eval_shots, --eval_seed, --data_dir, ...) override it for this
+evaluation only. Writes ``results-<protocol>.json`` beside the run's own results.json, which
+it never changes, and TensorBoard values under ``eval/<protocol>/``.
 """
 
 import os
 
+import sys
+
 from absl import app, flags
 
 from maml_tf import cli, train_loop
-from maml_tf import flags as maml_flags  # noqa: F401  (defines the flags)
+from maml_tf import flags as maml_flags
+from maml_tf.config import ConfigError
 
 FLAGS = flags.FLAGS
-EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "data_dir", "data_source",
-                  "strategy", "jit_compile")
+# --help lists the project's flags, not only "Try --helpfull".
+flags.adopt_module_key_flags(maml_flags)
 
 
 def main(argv):
@@ -24,10 +29,17 @@ def main(argv):
     if not os.path.exists(os.path.join(FLAGS.workdir or "", "config.json")):
         raise SystemExit(f"--workdir={FLAGS.workdir!r} holds no config.json: pass the "
                          "workdir of a run started with maml_tf.train.")
-    overrides = {k: FLAGS[k].value for k in EVAL_OVERRIDES if FLAGS[k].present}
+    overrides = {k: FLAGS[k].value for k in train_loop.EVAL_OVERRIDES if FLAGS[k].present}
     with cli.user_errors(verbose=FLAGS.verbosity >= 1):
         train_loop.evaluate_workdir(FLAGS.workdir, **overrides)
 
 
+def _argv() -> list[str]:
+    try:
+        return maml_flags.expand_flagfiles(sys.argv)
+    except ConfigError as e:
+        raise SystemExit(f"Configuration error: {e}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=_argv())

@@ -7,6 +7,7 @@ Defaults come from ``Config`` so that one place holds them. No logic lives here 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import flags
 
@@ -112,3 +113,32 @@ def config_from_flags(values: flags.FlagValues) -> C.Config:
     """Copies the flags named like ``Config`` fields into a validated ``Config``."""
     fields = {f.name for f in dataclasses.fields(C.Config)}
     return C.Config.from_dict({name: values[name].value for name in fields})
+
+
+def expand_flagfiles(argv: list[str], _including: str | None = None,
+                     _stack: tuple = ()) -> list[str]:
+    """``argv`` with every ``--flagfile=PATH`` replaced by that file's flags, in place (so
+    later flags still override it). A flagfile named inside another is looked for beside the
+    including file first, then from the current directory, so flagfiles that include others
+    work from any directory. Lines starting with ``#`` or ``//`` are comments."""
+    out = []
+    for arg in argv:
+        if not arg.startswith("--flagfile="):
+            out.append(arg)
+            continue
+        name = os.path.expanduser(arg.split("=", 1)[1])
+        path = name
+        if _including and not os.path.isabs(name):
+            beside = os.path.join(os.path.dirname(_including), name)
+            path = beside if os.path.exists(beside) else name
+        if not os.path.isfile(path):
+            where = f" (named in {_including})" if _including else ""
+            raise C.ConfigError(f"--flagfile={name}{where}: no such file.")
+        path = os.path.abspath(path)
+        if path in _stack:
+            raise C.ConfigError(f"--flagfile={name} includes itself (through {' -> '.join(_stack)}).")
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+        lines = [line for line in lines if line and not line.startswith(("#", "//"))]
+        out.extend(expand_flagfiles(lines, path, _stack + (path,)))
+    return out

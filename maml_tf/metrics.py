@@ -37,15 +37,22 @@ class TrainMetrics:
         """Writes the window's means (the default summary writer must be set), resets."""
         values = {n: float(m.result()) for n, m in self.means.items()}
         elapsed = max(time.time() - self.window_start, 1e-9)
-        values["tasks_per_sec"] = steps_in_window * tasks_per_step / elapsed
+        # steps_in_window counts the timed steps (the compiling first step is not one): a
+        # window of none has no rate yet.
+        if steps_in_window > 0:
+            values["tasks_per_sec"] = steps_in_window * tasks_per_step / elapsed
         values["learning_rate"] = lr
         for name, v in values.items():
             tf.summary.scalar(name, v, step=step)
-        eta = (total_steps - step) * elapsed / max(steps_in_window, 1)
         last = [n for n in self.names if n.startswith("query_")]
         shown = " ".join(f"{n.split('/')[0][6:]}{n[-1]}={values[n]:.4f}" for n in last)
-        logging.info("step %d/%d  meta_loss=%.4f  %s  %.0f tasks/s  eta %s", step, total_steps,
-                     values["meta_loss"], shown, values["tasks_per_sec"], _hms(eta))
+        if steps_in_window > 0:
+            eta = _hms((total_steps - step) * elapsed / steps_in_window)
+            rate = f"{values['tasks_per_sec']:.0f} tasks/s  eta {eta}"
+        else:
+            rate = "(rate after the next window)"
+        logging.info("step %d/%d  meta_loss=%.4f  %s  %s", step, total_steps,
+                     values["meta_loss"], shown, rate)
         for m in self.means.values():
             m.reset_state()
         self.window_start = time.time()
@@ -66,3 +73,24 @@ def write_eval(prefix: str, result: dict, step: int) -> None:
             tf.summary.scalar(f"{prefix}/{metric}/step_{k}", mean, step=step)
             tf.summary.scalar(f"{prefix}/{metric}_ci95/step_{k}", ci, step=step)
 
+
+
+def write_layout(regression: bool) -> None:
+    """A TensorBoard custom-scalars layout (the default writer must be set): the per-step
+    query curves in one chart each (loss, accuracy; training and validation), instead of one
+    chart per inner step."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.summary import v1 as summary_v1
+
+    def chart(title, *regexes):
+        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(
+            tag=list(regexes)))
+    metrics = ["loss"] if regression else ["loss", "accuracy"]
+    charts = [chart(f"train: query {m} after each inner step", rf"^query_{m}/step_\d+$")
+              for m in metrics]
+    charts += [chart(f"validation: {m} after each inner step", rf"^val_.*/{m}/step_\d+$")
+               for m in metrics]
+    layout = layout_pb2.Layout(category=[layout_pb2.Category(title="per inner step",
+                                                              chart=charts)])
+    tf.summary.experimental.write_raw_pb(
+        summary_v1.custom_scalar_pb(layout).SerializeToString(), step=0)

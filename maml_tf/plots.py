@@ -39,8 +39,10 @@ def learning_curve(steps, means, cis, title: str, ylabel: str, path: str) -> Non
     """Writes a PNG of ``means`` +- ``cis`` against ``steps``."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     means, cis = np.asarray(means), np.asarray(cis)
-    ax.plot(steps, means, "b-")
-    ax.fill_between(steps, means - cis, means + cis, alpha=0.3)
+    # Markers and error bars, so that a curve of a single validation point shows it.
+    ax.errorbar(steps, means, yerr=cis, fmt="b-o", markersize=3, capsize=2, elinewidth=0.8)
+    if len(steps) > 1:
+        ax.fill_between(steps, means - cis, means + cis, alpha=0.3)
     ax.set_xlabel("meta-training iteration")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

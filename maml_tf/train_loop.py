@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from maml_tf import data as data_lib
-from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_lib, plots
+from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_lib, plots, provenance
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
 from maml_tf.learners import build_learner, train_inner_steps
 from maml_tf.models import entering_run, get_model, model_spec
@@ -98,11 +98,13 @@ class Run:
     manager: tf.train.CheckpointManager
 
 
-def build(config: Config, workdir: str, overwrite: bool = False, model=None) -> Run:
+def build(config: Config, workdir: str, overwrite: bool = False, model=None,
+          write_config: bool = True) -> Run:
     """Set-up: strategy, workdir, model, optimizer, checkpoint (section 1).
 
     model: None (``config.model`` builds it), a function ``(input_shape, num_outputs) ->
-    keras.Model``, or a built ``keras.Model``; see ``run``.
+    keras.Model``, or a built ``keras.Model``; see ``run``. write_config: check the workdir
+    against ``config`` and write config.json / flags.cfg (False: evaluation, which only reads).
     """
     config, model_fn = _with_model(config, model)
     strategy = distribute.make_strategy(config)
@@ -116,32 +118,42 @@ def build(config: Config, workdir: str, overwrite: bool = False, model=None) -> 
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     # After the model and learner are built: a model that cannot be built or run exactly
     # stops the run before anything is written to the workdir.
-    checkpointing.prepare_workdir(workdir, config, overwrite)
+    if write_config:
+        checkpointing.prepare_workdir(workdir, config, overwrite)
     # The learner holds the algorithm's own meta-parameters (learned rates, ...).
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, learner=learner)
     manager = checkpointing.make_manager(ckpt, os.path.join(workdir, "checkpoints"))
     return Run(config, workdir, strategy, model, learner, optimizer, step, manager)
 
 
+EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "data_dir",
+                  "data_source", "strategy", "cpu_devices", "jit_compile")
+
+
 def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
-    """Evaluates the latest checkpoint of ``workdir`` on its fixed test tasks (as ``python
-    -m maml_tf.evaluate``). ``overrides``: evaluation settings of the config (for example
-    ``eval_tasks``); ``model``: as for ``run`` when the run was given one from Python."""
+    """Evaluates the latest checkpoint of ``workdir`` on fixed test tasks (as ``python -m
+    maml_tf.evaluate``) and writes ``results-<protocol>.json`` (see ``results_name``).
+
+    overrides: evaluation settings (``EVAL_OVERRIDES``, e.g. ``eval_tasks=50``); the run's
+    config.json, flags.cfg and results.json are never changed. model: as for ``run`` when
+    the run was given one from Python.
+    """
     entering_run()
-    with open(os.path.join(workdir, "config.json")) as f:
-        values = {**json.load(f), **overrides}
-    config = Config.from_dict(values)
+    unknown = sorted(set(overrides) - set(EVAL_OVERRIDES))
+    if unknown:
+        raise ConfigError(f"{', '.join('--' + k for k in unknown)} cannot change at evaluation; "
+                          f"the evaluation settings are {', '.join('--' + k for k in EVAL_OVERRIDES)}.")
     with checkpointing.workdir_lock(distribute.worker_workdir(workdir)):
-        return _evaluate(config, workdir, model)
-
-
-def _evaluate(config: Config, workdir: str, model) -> dict:
-    r = build(config, workdir, model=model)
-    if checkpointing.restore_or_init(r.manager) is None:
-        raise ConfigError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
-    step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
-                                     config.jit_compile)
-    return final_evaluation(r, step)
+        with open(os.path.join(workdir, "config.json")) as f:
+            stored = Config.from_dict(json.load(f))
+        config = Config.from_dict({**stored.to_dict(), **overrides})
+        r = build(config, workdir, model=model, write_config=False)
+        if checkpointing.restore_or_init(r.manager) is None:
+            raise ConfigError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+        _preflight(r)
+        step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
+                                         config.jit_compile)
+        return final_evaluation(r, step, name=results_name(config, int(r.step.numpy())))
 
 
 def _with_model(config: Config, model) -> tuple[Config, object]:
@@ -374,20 +386,29 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
     writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
     schedule = Schedule(config)
     window = metrics_lib.TrainMetrics(train_inner_steps(config), config.is_regression)
-    last_log, t0 = start, time.time()
+    last_log, timed_from, t0 = start, start, time.time()
     with writer.as_default():
+        if start == 0:
+            metrics_lib.write_layout(config.is_regression)
         for step in range(start + 1, config.num_iterations + 1):
+            if step == start + 1:
+                logging.info("Compiling the meta-step%s ...", " with XLA" if config.jit_compile else "")
             out = train_step(next(batches), r.learner.first_order_at(step - 1))
+            if step == start + 1:
+                float(out["loss"])   # wait for it: the first step is the compilation
+                logging.info("Compiled the meta-step in %.1f s (not counted in tasks/s).",
+                             time.time() - t0)
+                window.window_start, timed_from = time.time(), step
             _check_finite(out, step, last_log, config)
             if stop.requested:
                 r.manager.save(checkpoint_number=step)
                 raise RunInterrupted(stop.requested, step)
             window.update(out)
             if schedule.log(step):
-                window.write(step, step - last_log, config.meta_batch_size,
+                window.write(step, step - timed_from, config.meta_batch_size,
                              config.num_iterations, current_lr(r.optimizer))
                 r.learner.write_summaries(step)
-                last_log = step
+                last_log = timed_from = step
             if schedule.validate(step):
                 _validate(r, eval_step, step, history)
                 checkpointing.atomic_write_json(os.path.join(workdir, "history.json"), history)
@@ -417,6 +438,16 @@ def _preflight(r: Run) -> None:
         logging.warning("%s", message)
 
 
+def _already_written(path: str, step: int) -> bool:
+    """Whether ``path`` holds a result of checkpoint ``step`` (then its TensorBoard values
+    are written already)."""
+    try:
+        with open(path) as f:
+            return json.load(f)["protocol"]["checkpoint_step"] == step
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _load_history(workdir: str, start: int) -> list:
     """The validation curve up to the restored iteration ``start``: validations after the
     checkpoint that the run resumes from are redone, so they must not stay twice."""
@@ -427,30 +458,65 @@ def _load_history(workdir: str, start: int) -> list:
     return []
 
 
-def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int = 0) -> dict:
-    """Evaluates on the fixed test tasks and writes ``results.json`` atomically."""
+def results_name(config: Config, step: int) -> str:
+    """The results file of an evaluation by ``maml_tf.evaluate``, named by its protocol, so
+    that evaluating again with other settings never overwrites another result."""
+    shots = "_".join(str(s) for s in config.test_shots)
+    return (f"results-step{step}-{config.eval_tasks}tasks-{config.test_inner_steps}steps-"
+            f"{shots}shot-{config.queries}queries-seed{config.eval_seed}")
+
+
+def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int = 0,
+                     name: str = "results") -> dict:
+    """Evaluates on the fixed test tasks and writes ``<name>.json`` atomically; TensorBoard
+    gets the values under ``eval/`` (``eval/<name>/`` for a named evaluation) once per step:
+    an evaluation that repeats a written result does not write them again."""
     config = r.config
+    step = int(r.step.numpy())
+    path = os.path.join(r.workdir, f"{name}.json")
     t0 = time.time()
     test = evaluate_split(r, "test", config.eval_tasks, eval_step)
-    with tf.summary.create_file_writer(os.path.join(r.workdir, "eval")).as_default():
-        for shot_key, res in test.items():
-            metrics_lib.write_eval(f"test_{shot_key}", res, int(r.step.numpy()))
+    if not _already_written(path, step):
+        events = os.path.join(r.workdir, "eval", "" if name == "results" else name)
+        with tf.summary.create_file_writer(events).as_default():
+            for shot_key, res in test.items():
+                metrics_lib.write_eval(f"test_{shot_key}", res, step)
+    metric = "mean squared error per query point" if config.is_regression else \
+        "softmax cross-entropy per query example"
     results = {
         "protocol": {
             "dataset": config.dataset, "split": config.split if not config.is_regression else None,
-            "algorithm": config.algorithm, "way": None if config.is_regression else config.way,
+            "algorithm": config.algorithm, "model": config.model,
+            "way": None if config.is_regression else config.way,
             "shots": list(config.test_shots), "queries": config.queries,
-            "inner_steps": config.test_inner_steps, "num_tasks": config.eval_tasks,
-            "eval_seed": config.eval_seed, "checkpoint_step": int(r.step.numpy()),
-            "ci": "1.96 * std / sqrt(num_tasks)",
+            "queries_are": "points per task" if config.is_regression else "examples per class",
+            "inner_steps": config.test_inner_steps,
+            "train_inner_steps": train_inner_steps(config), "inner_lr": config.inner_lr,
+            "num_tasks": config.eval_tasks, "eval_seed": config.eval_seed,
+            "checkpoint_step": step, "ci": "1.96 * std / sqrt(num_tasks)",
             "replicas": r.strategy.num_replicas_in_sync,
+        },
+        "legend": {
+            "index": "position i of every list is the value after i inner steps on the task's "
+                     "support set (0 = before adaptation, up to protocol.inner_steps)"
+                     if r.learner.reports_inner_steps else
+                     "one position: this algorithm has no inner loop",
+            "loss": metric,
+            "accuracy": "fraction of query examples classified correctly",
+            "mean": "mean over num_tasks fixed test tasks",
+            "ci95": "half-width of the 95% confidence interval: 1.96 * std / sqrt(num_tasks) "
+                    "(std with ddof=0, as cbfinn/maml)",
+            "diverged": "tasks whose value is NaN or infinite (their inner loop diverged); they "
+                        "are counted in mean, which is then not finite",
+            "finite_mean": "mean over the tasks that did not diverge, for diagnosis only",
         },
         "test": test,
         "train_seconds_this_session": round(train_seconds, 1),
-        "iterations_this_session": int(r.step.numpy()) - start,
+        "iterations_this_session": step - start,
         "eval_seconds": round(time.time() - t0, 1),
+        "environment": provenance.environment(r.strategy),
     }
-    checkpointing.atomic_write_json(os.path.join(r.workdir, "results.json"), results)
+    checkpointing.atomic_write_json(path, results)
     for shot_key, res in test.items():
         key = "loss" if config.is_regression else "accuracy"
         logging.info("test %s %s after 0..%d steps: %s", shot_key, key, config.test_inner_steps,

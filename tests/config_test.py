@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse(argv):
     """Parses argv with the project's flags and returns (Config, FLAGS); then resets them."""
     values = flags.FLAGS
-    values(["prog"] + argv)
+    values(["prog"] + maml_flags.expand_flagfiles(argv))
     try:
         return maml_flags.config_from_flags(values), values
     finally:
@@ -60,6 +60,21 @@ def test_flags_after_a_flagfile_override_it(monkeypatch):
     assert config.inner_lr == 0.2 and config.way == 5 and config.dataset == "omniglot"
 
 
+def test_flagfiles_include_others_relative_to_themselves_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config, _ = parse([f"--flagfile={os.path.join(ROOT, 'runs', 'omniglot_5w1s_anil.cfg')}"])
+    assert config.algorithm == "anil" and config.dataset == "omniglot" and config.inner_lr == 0.4
+
+
+def test_help_lists_the_projects_flags():
+    import subprocess
+    import sys
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-m", "maml_tf.train", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert "--inner_lr" in out.stdout and "--meta_batch_size" in out.stdout, out.stdout[-1000:]
+
+
 def test_missing_flagfile_is_a_clear_error():
-    with pytest.raises(flags.Error, match="no_such.cfg"):
+    with pytest.raises(ConfigError, match="--flagfile=runs/no_such.cfg: no such file"):
         parse(["--flagfile=runs/no_such.cfg"])

@@ -86,7 +86,7 @@ def test_non_finite_meta_loss_fails_naming_the_window_and_saves_no_nan(tmp_path)
 
 def _flagfile_config(cfg, workdir):
     values = flags.FLAGS
-    values(["prog", f"--flagfile={cfg}"])
+    values(["prog"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
     try:
         config = maml_flags.config_from_flags(values)
     finally:
@@ -151,17 +151,50 @@ def test_tensorboard_gets_per_step_metrics_rates_and_the_sinusoid_figure(tmp_pat
     assert "test_5shot/loss/step_2" in eval_scalars
 
 
-def test_evaluate_entry_point_reproduces_the_final_evaluation(tmp_path):
+def _values(directory, tag):
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(directory, size_guidance={"tensors": 0})
+    acc.Reload()
+    return [e.step for e in acc.Tensors(tag)]
+
+
+def test_evaluation_never_changes_the_run_and_names_its_own_results(tmp_path):
     workdir = str(tmp_path / "run")
     first = train_loop.run(smoke(), workdir)["test"]
-    os.remove(os.path.join(workdir, "results.json"))
+    files = ("config.json", "flags.cfg", "results.json")
+    before = {f: open(os.path.join(workdir, f), "rb").read() for f in files}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-m", "maml_tf.evaluate", f"--workdir={workdir}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    again = json.load(open(os.path.join(workdir, "results.json")))
+
+    def evaluate(*args):
+        proc = subprocess.run([sys.executable, "-m", "maml_tf.evaluate", f"--workdir={workdir}",
+                               *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluate()                      # the training's protocol: the same numbers
+    evaluate()                      # again: no second TensorBoard value
+    evaluate("--eval_inner_steps=3", "--eval_shots=5", "--eval_tasks=6")
+    assert {f: open(os.path.join(workdir, f), "rb").read() for f in files} == before
+    same = train_loop.results_name(smoke(), 4)
+    again = json.load(open(os.path.join(workdir, same + ".json")))
     assert again["test"] == json.loads(json.dumps(first))
-    assert again["protocol"]["checkpoint_step"] == 4
+    other = json.load(open(os.path.join(workdir, "results-step4-6tasks-3steps-5shot-10queries-seed1234.json")))
+    assert other["protocol"]["inner_steps"] == 3 and other["protocol"]["num_tasks"] == 6
+    assert len(other["test"]["5shot"]["loss"]["mean"]) == 4 and set(other["test"]) == {"5shot"}
+    assert _values(os.path.join(workdir, "eval"), "test_5shot/loss/step_2") == [4]
+    assert _values(os.path.join(workdir, "eval", same), "test_5shot/loss/step_2") == [4]
+    # A setting that is not an evaluation setting is refused, naming the allowed ones.
+    with pytest.raises(ConfigError, match=r"--inner_lr cannot change at evaluation"):
+        train_loop.evaluate_workdir(workdir, inner_lr=0.5)
+
+
+def test_results_explain_themselves(tmp_path):
+    results = train_loop.run(smoke(), str(tmp_path / "run"))
+    assert "after i inner steps" in results["legend"]["index"]
+    assert results["legend"]["loss"] == "mean squared error per query point"
+    assert {"diverged", "finite_mean", "ci95"} <= set(results["legend"])
+    assert results["protocol"]["inner_steps"] == 2 and results["protocol"]["train_inner_steps"] == 1
+    env = results["environment"]
+    assert env["tensorflow"] and env["maml_tf"] and env["cpu"] and env["replicas"] == 1
+    assert env["git"] is None or len(env["git"]["commit"]) == 40
 
 
 def test_the_chosen_split_is_written_to_the_workdir(omniglot_dir, tmp_path):
@@ -234,3 +267,23 @@ def test_task_chunks_must_divide_the_replica_batch(tmp_path):
     with pytest.raises(ConfigError, match="--task_chunks=3 does not divide the 4 tasks"):
         train_loop.build(Config.from_dict({**SMOKE, "meta_batch_size": 4, "task_chunks": 3}),
                          str(tmp_path / "run"))
+
+
+def test_console_says_when_it_compiles_and_tensorboard_groups_the_inner_steps(tmp_path, caplog):
+    import logging as py_logging
+    workdir = str(tmp_path / "run")
+    with caplog.at_level(py_logging.INFO):
+        train_loop.run(smoke(), workdir)
+    assert "Compiling the meta-step" in caplog.text and "Compiled the meta-step in" in caplog.text
+    tensors, _ = _tags(os.path.join(workdir, "train"))
+    assert "custom_scalars__config__" in tensors
+
+
+def test_a_curve_of_one_validation_point_shows_the_point(tmp_path):
+    import matplotlib.image
+    from maml_tf import plots
+    path = str(tmp_path / "curve.png")
+    plots.learning_curve([100], [0.5], [0.1], "one point", "accuracy", path)
+    rgb = matplotlib.image.imread(path)[..., :3]
+    blue = (rgb[..., 2] > 0.7) & (rgb[..., 0] < 0.3) & (rgb[..., 1] < 0.3)
+    assert blue.sum() > 10

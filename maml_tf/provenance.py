@@ -1,0 +1,45 @@
+"""What a result records about where it came from: package, code version, software, device."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+
+import keras
+import tensorflow as tf
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> dict | None:
+    """The commit of the checkout maml_tf runs from, and whether it had local changes; None
+    outside a git checkout (an installed wheel)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True,
+                                           text=True, timeout=10, check=True).stdout.strip()
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(strategy: tf.distribute.Strategy | None = None) -> dict:
+    from maml_tf import __version__
+    devices = [d.name for d in tf.config.list_logical_devices() if d.device_type != "CPU"]
+    return {"maml_tf": __version__, "git": git_commit(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "python": platform.python_version(),
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "accelerators": devices or None,
+            "replicas": strategy.num_replicas_in_sync if strategy is not None else 1}
