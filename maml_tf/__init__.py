@@ -13,14 +13,26 @@ Learners: ``MAML``, ``FOMAML``, ``Reptile``, ``MetaSGD``, ``ANIL``, ``MAMLPlusPl
 ``ProtoNet``, ``Pretrain`` (all ``MetaLearner``s: see its docstring for the arguments).
 """
 
-from maml_tf.config import Config, ConfigError
-from maml_tf.data.episode import Episode
+import os as _os
+
+# Before Keras or matplotlib is imported: their configuration and caches go to one documented
+# folder (MAML_TF_CACHE, default ~/.cache/maml_tf) instead of ~/.keras and ~/.config; a
+# variable that the user set wins. (A program that imports keras before maml_tf keeps Keras'
+# own default, ~/.keras/keras.json.)
+_CACHE = _os.environ.get("MAML_TF_CACHE") or _os.path.join(
+    _os.environ.get("XDG_CACHE_HOME") or _os.path.join(_os.path.expanduser("~"), ".cache"),
+    "maml_tf")
+_os.environ.setdefault("KERAS_HOME", _os.path.join(_CACHE, "keras"))
+_os.environ.setdefault("MPLCONFIGDIR", _os.path.join(_CACHE, "matplotlib"))
+
+from maml_tf.config import Config, ConfigError  # noqa: E402
+from maml_tf.data.episode import Episode  # noqa: E402
 from maml_tf.learners import (ANIL, MamlPlusPlus, MetaSGD, Pretrain, ProtoNet, Reptile,
-                              build_learner)
-from maml_tf.meta_learner import MetaLearner, StepMetrics
-from maml_tf.models.functional import FunctionalModel, InexactModelError
-from maml_tf.train_loop import evaluate_workdir
-from maml_tf.train_loop import run as train
+                              build_learner)  # noqa: E402
+from maml_tf.meta_learner import MetaLearner, StepMetrics  # noqa: E402
+from maml_tf.models.functional import FunctionalModel, InexactModelError  # noqa: E402
+from maml_tf.train_loop import evaluate_workdir  # noqa: E402
+from maml_tf.train_loop import run as train  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -76,7 +76,32 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    # mkstemp creates 0600: give the file the permissions the user's umask gives any file,
+    # so collaborators can read the run's config and results.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def temporary_files_in(workdir: str):
+    """Within: Python's temporary files (TF autograph's generated code among them) go to
+    ``<workdir>/.tmp``, whose leftovers from a killed run are removed first."""
+    path = os.path.join(workdir, ".tmp")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    for leftover in glob.glob(os.path.join(workdir, ".tmp-*")):   # atomic writes cut short
+        os.remove(leftover)
+    previous, tempfile.tempdir = tempfile.tempdir, path
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -108,7 +133,7 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
             aside = os.path.join(workdir, time.strftime("replaced-%Y%m%d-%H%M%S"))
             os.makedirs(aside)
             for name in os.listdir(workdir):
-                if not name.startswith("replaced-") and name != LOCK_NAME:
+                if not name.startswith("replaced-") and name not in (LOCK_NAME, ".tmp"):
                     shutil.move(os.path.join(workdir, name), aside)
     atomic_write_text(path, config.to_json() + "\n")
     atomic_write_text(os.path.join(workdir, "flags.cfg"),

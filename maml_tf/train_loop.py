@@ -143,7 +143,8 @@ def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
     if unknown:
         raise ConfigError(f"{', '.join('--' + k for k in unknown)} cannot change at evaluation; "
                           f"the evaluation settings are {', '.join('--' + k for k in EVAL_OVERRIDES)}.")
-    with checkpointing.workdir_lock(distribute.worker_workdir(workdir)):
+    owned = distribute.worker_workdir(workdir)
+    with checkpointing.workdir_lock(owned), checkpointing.temporary_files_in(owned):
         with open(os.path.join(workdir, "config.json")) as f:
             stored = Config.from_dict(json.load(f))
         config = Config.from_dict({**stored.to_dict(), **overrides})
@@ -355,7 +356,9 @@ def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> di
     entering_run()
     # One owner per workdir for the whole run (a second run is refused, naming this one),
     # and SIGTERM / SIGINT end it with a checkpoint of the last completed iteration.
-    with checkpointing.workdir_lock(distribute.worker_workdir(workdir)), _StopSignals() as stop:
+    owned = distribute.worker_workdir(workdir)
+    with checkpointing.workdir_lock(owned), checkpointing.temporary_files_in(owned), \
+            _StopSignals() as stop:
         return _run(config, workdir, overwrite, model, stop)
 
 

@@ -203,3 +203,32 @@ def test_no_loadable_checkpoint_is_one_clear_paragraph(tmp_path):
     except CheckpointError as e:
         assert "No checkpoint in" in str(e) and "ckpt-4" in str(e) and "ckpt-2" in str(e)
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "damaged"))   # untouched
+
+
+def test_files_outside_the_workdir_and_permissions(tmp_path):
+    """$HOME gets only the documented cache folder, $TMPDIR nothing (autograph's generated
+    files live in <workdir>/.tmp, cleaned at the next start, also after kill -9), and the
+    workdir's files get the user's umask."""
+    home, tmp, workdir = tmp_path / "home", tmp_path / "tmp", tmp_path / "run"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KERAS_HOME", "MPLCONFIGDIR", "XDG_CACHE_HOME", "MAML_TF_CACHE")}
+    env.update(HOME=str(home), TMPDIR=str(tmp), TF_CPP_MIN_LOG_LEVEL="3")
+    args = [sys.executable, "-m", "maml_tf.train", f"--workdir={workdir}"] + ARGS
+    start = lambda: subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o022))
+    proc = start()
+    _wait_for(proc, str(workdir / "checkpoints" / "ckpt-*.index"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = set(os.listdir(workdir / ".tmp"))
+    assert leftovers, "autograph's files were expected in <workdir>/.tmp"
+    finished = start()
+    _, err = finished.communicate()
+    assert finished.returncode == 0, err.decode()[-2000:]
+    assert not leftovers & set(os.listdir(workdir / ".tmp"))   # the killed run's are gone
+    assert os.listdir(tmp) == []
+    assert os.listdir(home) == [".cache"] and os.listdir(home / ".cache") == ["maml_tf"]
+    for name in ("config.json", "flags.cfg", "history.json", "results.json"):
+        assert os.stat(workdir / name).st_mode & 0o777 == 0o644, name
