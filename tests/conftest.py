@@ -1,6 +1,8 @@
 """Test set-up: quiet TF, offline TFDS, and where the shared real data sets live."""
 
+import gc
 import os
+import resource
 
 import pytest
 
@@ -36,3 +38,31 @@ def pytest_collection_modifyitems(config, items):
     # tf.test.TestCase defines `test_session` (a deprecated context manager that skips itself
     # as "Not a test"); drop it so that the skip count only shows real, explained skips.
     items[:] = [item for item in items if item.name != "test_session"]
+
+
+# The suite must fit CI's memory: measured, one pytest process reached 10 GB when the state of
+# hundreds of traced models and runs piled up. Every test starts from a clean Keras/TF state,
+# and the session fails if its peak memory exceeds the budget.
+MEMORY_BUDGET_GB = 6.0
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    yield
+    import keras
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = f"peak memory of this pytest process: {peak_gb:.2f} GB (budget {MEMORY_BUDGET_GB} GB)"
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(line)
+    if peak_gb > MEMORY_BUDGET_GB and session.testscollected > 50:
+        # Only for (nearly) whole-suite runs: a single heavy test run alone is not the budget.
+        if reporter is not None:
+            reporter.write_line("FAILED: the test suite exceeded its memory budget", red=True)
+        session.exitstatus = 1

@@ -86,3 +86,15 @@ def test_a_malformed_sha256sums_line_names_the_line(tmp_path, omniglot_dir):
     (data / "SHA256SUMS").write_text("not-a-hash\n")
     with pytest.raises(DataError, match=r"SHA256SUMS line 1 is not '<sha256> <file name>'"):
         omniglot.load_raw(str(data), "npz")
+
+
+def test_a_file_system_error_is_one_paragraph(tmp_path):
+    # A full disk or a read-only folder raise OSError like this does (a workdir inside a
+    # regular file); root ignores permissions, so this is the case a test can make here.
+    (tmp_path / "a_file").write_text("")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-m", "maml_tf.train", "--dataset=sinusoid",
+                          f"--workdir={tmp_path / 'a_file' / 'run'}", *FAST], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "File system error" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
