@@ -59,8 +59,7 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     line = f"peak memory of this pytest process: {peak_gb:.2f} GB (budget {MEMORY_BUDGET_GB} GB)"
     if reporter is not None:
-        reporter.ensure_newline()
-        reporter.write_line(line)
+        reporter.write_sep("-", line)
     if peak_gb > MEMORY_BUDGET_GB and session.testscollected > 50:
         # Only for (nearly) whole-suite runs: a single heavy test run alone is not the budget.
         if reporter is not None:

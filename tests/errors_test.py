@@ -45,11 +45,12 @@ def test_verbosity_1_shows_the_traceback(tmp_path):
 
 
 def test_replicas_that_do_not_divide_the_evaluation_tasks_fail_before_training(tmp_path):
-    config = Config.from_dict({"strategy": "mirrored", "cpu_devices": 2, "meta_batch_size": 2,
-                               "eval_tasks": 5, "val_tasks": 2, "num_iterations": 2})
-    with pytest.raises(ConfigError, match=r"--eval_tasks=5 cannot be split evenly over the 2"):
-        train_loop.run(config, str(tmp_path / "run"))
-    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "checkpoint")
+    # A fresh process: --cpu_devices must act before TensorFlow initialises its devices.
+    out = _train(tmp_path, "--dataset=sinusoid", "--strategy=mirrored", "--cpu_devices=2",
+                 "--eval_tasks=5")
+    assert out.returncode != 0
+    assert "--eval_tasks=5 cannot be split evenly over the 2" in out.stderr, out.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "train")   # no iteration ran
 
 
 def test_too_many_classes_for_the_test_split_fail_before_training(tmp_path, omniglot_dir):
