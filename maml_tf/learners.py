@@ -22,7 +22,6 @@ import keras
 import tensorflow as tf
 
 from maml_tf.data.episode import Episode
-from maml_tf import losses
 from maml_tf.meta_learner import MetaLearner, StepMetrics
 from maml_tf.models.functional import tile_for_tasks
 from maml_tf.models.keras_layers import is_normalization

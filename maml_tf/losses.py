@@ -39,7 +39,6 @@ def auto_accuracy(outputs: tf.Tensor, labels: tf.Tensor) -> tf.Tensor | None:
 
 
 NAMED = {"cross_entropy": cross_entropy, "mse": mean_squared_error}
-LOSSES = {"classification": (cross_entropy, accuracy), "regression": (mean_squared_error, None)}
 
 
 def per_task(fn: Callable, name: str) -> Callable:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from maml_tf import train_loop
-from maml_tf.config import Config, ConfigError
+from maml_tf.config import Config
 from maml_tf.data import omniglot
 from maml_tf.data.errors import DataError
 

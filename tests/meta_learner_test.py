@@ -6,7 +6,6 @@ import keras
 from absl.testing import parameterized
 
 from maml_tf.data.episode import Episode
-from maml_tf import losses
 from maml_tf.meta_learner import MetaLearner
 from maml_tf.models import zoo
 from maml_tf.models.functional import FunctionalModel
