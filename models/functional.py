@@ -130,11 +130,12 @@ class _Run:
     """One forward pass: fast weights by variable, the mode, batch-norm statistics."""
 
     def __init__(self, index: dict, params: Sequence[tf.Tensor], training: bool,
-                 norm_stats=None, collect=None):
+                 norm_stats=None, collect=None, roots: dict | None = None):
         self.index, self.params, self.training = index, list(params), training
         self.norm_stats, self.collect, self.norm_index = norm_stats, collect, 0
         self.dtype = self.params[0].dtype if self.params else None
-        self.roots: dict = {}
+        # Graphs of nested models, by id: a nested subclassed model is traced once.
+        self.roots = {} if roots is None else roots
 
     def weight(self, variable) -> tf.Tensor:
         """The value of ``variable`` with a task axis: ``[T, *shape]`` if it is meta-learned,
@@ -226,6 +227,7 @@ class FunctionalModel:
         self._index = {id(v): i for i, v in enumerate(self.variables)}
         self.non_trainable = list(model.non_trainable_variables)
         self.problems: list[str] = []
+        self._roots: dict = {}
         try:
             self._root = _root_of(model)
         except TypeError as e:
@@ -273,7 +275,7 @@ class FunctionalModel:
             if norm_stats is not None or collect is not None:
                 raise ValueError("norm_stats / collect need a model whose graph can be walked.")
             return self._per_task_model(params, x, training)
-        run = _Run(self._index, params, training, norm_stats, collect)
+        run = _Run(self._index, params, training, norm_stats, collect, self._roots)
         out = run.run(self._root, x)
         if norm_stats is not None and run.norm_index != len(norm_stats):
             raise ValueError(f"{len(norm_stats)} batch-norm statistics given, "

@@ -84,6 +84,25 @@ def _subclassed(dtype=F64):
     return model
 
 
+class Block(keras.Model):
+    """A subclassed block, used as a layer inside a Functional model."""
+
+    def __init__(self, dtype=F64):
+        super().__init__(dtype=dtype)
+        self.conv = L.Conv2D(3, 3, padding="same", dtype=dtype)
+        self.bn = L.BatchNormalization(dtype=dtype)
+
+    def call(self, x):
+        return keras.ops.tanh(self.bn(self.conv(x)))
+
+
+def nested(dtype=F64):
+    inputs = keras.Input((8, 8, 2), dtype=dtype)
+    inner = keras.Sequential([L.Conv2D(2, 1, dtype=dtype)], name="inner")
+    x = Block(dtype)(inner(inputs))
+    return keras.Model(inputs, L.Dense(3, dtype=dtype)(L.Flatten(dtype=dtype)(x)))
+
+
 def _fd_error(learner, episode, directions=6, eps=1e-5, seed=0):
     """Max relative error of the public meta_gradient against central finite differences
     of the meta-loss along random unit directions (float64)."""
@@ -117,6 +136,7 @@ class ExactnessTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.named_parameters(("functional", conv_bn_relu_maxpool),
                                     ("subclassed", _subclassed),
+                                    ("nested", nested),
                                     # Dropout draws new masks at every call: off for FD.
                                     ("many_layers", lambda: many_layers(dropout=0.0)))
     def test_meta_gradient_matches_float64_finite_differences(self, build):
