@@ -185,10 +185,15 @@ def test_a_missing_or_garbled_checkpoint_index_still_resumes(tmp_path):
         shutil.copytree(base, workdir)
         index = os.path.join(workdir, "checkpoints", "checkpoint")
         os.remove(index) if kind == "missing" else open(index, "w").write("not { a checkpoint")
+        # Leftovers of a save that a kill cut short are removed at the next start.
+        os.makedirs(os.path.join(workdir, "checkpoints", "ckpt-5_temp", "part-0"))
+        open(os.path.join(workdir, "checkpoints", "checkpoint.tmp1234"), "w").close()
         results = train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
         assert results["iterations_this_session"] == 2, kind    # resumed at 4, not 0
         assert [h["step"] for h in json.load(open(os.path.join(workdir, "history.json")))] \
             == [1, 2, 3, 4, 5, 6]
+        left = os.listdir(os.path.join(workdir, "checkpoints"))
+        assert not [n for n in left if "_temp" in n or n.startswith("checkpoint.tmp")], left
 
 
 def test_no_loadable_checkpoint_is_one_clear_paragraph(tmp_path):
