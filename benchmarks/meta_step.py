@@ -181,7 +181,7 @@ def algorithm_child(algorithm: str, windows: int, window_steps: int) -> dict:
     config = Config.from_dict({**maml_flags.config_from_flags(flags.FLAGS).to_dict(),
                                "data_dir": data_dir})
     _, _, _, compile_s, steps_per_s = _measure(config, windows, window_steps)
-    from maml_tf.learners import train_inner_steps
+    from maml_tf.algorithms import train_inner_steps
     return {"algorithm": algorithm, "meta_batch": config.meta_batch_size,
             "inner_steps": train_inner_steps(config), "tasks_per_s": steps_per_s * config.meta_batch_size,
             "compile_s": compile_s,

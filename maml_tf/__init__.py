@@ -27,8 +27,8 @@ _os.environ.setdefault("MPLCONFIGDIR", _os.path.join(_CACHE, "matplotlib"))
 
 from maml_tf.config import Config, ConfigError  # noqa: E402
 from maml_tf.data.episode import Episode  # noqa: E402
-from maml_tf.learners import (ANIL, MamlPlusPlus, MetaSGD, Pretrain, ProtoNet, Reptile,
-                              build_learner)  # noqa: E402
+from maml_tf.algorithms import (ANIL, FOMAML, MAML, MamlPlusPlus, MetaSGD, Pretrain,  # noqa: E402
+                                ProtoNet, Reptile, build_learner)
 from maml_tf.meta_learner import MetaLearner, StepMetrics  # noqa: E402
 from maml_tf.models.functional import FunctionalModel, InexactModelError  # noqa: E402
 from maml_tf.train_loop import evaluate_workdir  # noqa: E402
@@ -36,16 +36,7 @@ from maml_tf.train_loop import run as train  # noqa: E402
 
 __version__ = "0.1.0"
 
-MAML = MetaLearner
 MAMLPlusPlus = MamlPlusPlus
-
-
-class FOMAML(MetaLearner):
-    """First-order MAML: ``MAML(model, first_order=True, ...)``."""
-
-    def __init__(self, model, **kwargs):
-        super().__init__(model, **{**kwargs, "first_order": True})
-
 
 __all__ = ["ANIL", "Config", "ConfigError", "Episode", "FOMAML", "FunctionalModel",
            "InexactModelError", "MAML", "MAMLPlusPlus", "MetaLearner", "MetaSGD", "Pretrain",

@@ -39,7 +39,7 @@ class StepMetrics:
 
 class MetaLearner(tf.Module):
     """Second- or first-order MAML around a Keras model: the public learner
-    (``maml_tf.MAML``) and the core that every algorithm of ``maml_tf.learners``
+    (``maml_tf.MAML``) and the core that every algorithm of ``maml_tf.algorithms``
     specialises through a few hooks.
 
     Use from Python (shapes: ``x`` ``[T, N, ...]``, one row per task)::

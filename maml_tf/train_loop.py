@@ -25,7 +25,7 @@ from absl import logging
 from maml_tf import data as data_lib
 from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_lib, plots, provenance
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
-from maml_tf.learners import build_learner, train_inner_steps
+from maml_tf.algorithms import build_learner, train_inner_steps
 from maml_tf.models import entering_run, get_model, model_spec
 
 

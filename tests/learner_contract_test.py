@@ -11,7 +11,7 @@ import keras
 
 from maml_tf.data.episode import Episode
 from maml_tf.config import Config
-from maml_tf.learners import build_learner, train_inner_steps
+from maml_tf.algorithms import build_learner, train_inner_steps
 from maml_tf.train_loop import make_optimizer
 from maml_tf.models import get_model
 

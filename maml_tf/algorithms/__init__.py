@@ -1,0 +1,67 @@
+"""The meta-learning algorithms, one module each, all subclasses of ``MetaLearner``, and
+``build_learner(config, model)`` that ``--algorithm`` names.
+
+=========  ===========================================================================
+maml       ``MAML`` (``maml.py``, the core ``MetaLearner``): second-order MAML (Finn et al. 2017)
+fomaml     ``FOMAML`` (``maml.py``): the second-order term dropped
+reptile    ``Reptile`` (Nichol et al. 2018): pseudo-gradient towards adapted weights
+metasgd    ``MetaSGD`` (Li et al. 2017): a learned step size for every parameter
+anil       ``ANIL`` (Raghu et al. 2020): the inner loop adapts the head only
+mamlpp     ``MamlPlusPlus`` (Antoniou et al. 2019): LSLR, BNWB, BNRS, MSL, DA (+ CA: a schedule)
+protonet   ``ProtoNet`` (Snell et al. 2017): nearest class mean of Conv-4 embeddings
+pretrain   ``Pretrain``: one network trained on all training classes, fine-tuned at test
+=========  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import keras
+
+from maml_tf.algorithms.anil import ANIL
+from maml_tf.algorithms.maml import FOMAML, MAML
+from maml_tf.algorithms.mamlpp import MamlPlusPlus
+from maml_tf.algorithms.metasgd import MetaSGD
+from maml_tf.algorithms.pretrain import Pretrain
+from maml_tf.algorithms.protonet import ProtoNet
+from maml_tf.algorithms.reptile import Reptile
+from maml_tf.meta_learner import MetaLearner
+
+__all__ = ["ANIL", "FOMAML", "MAML", "MamlPlusPlus", "MetaSGD", "Pretrain", "ProtoNet", "Reptile",
+           "build_learner", "train_inner_steps"]
+
+
+def build_learner(config, model: keras.Model, num_classes: int | None = None) -> MetaLearner:
+    """The learner of ``config.algorithm`` around ``model``.
+
+    num_classes: training classes for the pre-training baseline on images (None reads the
+    training split's class count).
+    """
+    kwargs = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps,
+                  first_order=config.first_order,
+                  loss="mse" if config.is_regression else "cross_entropy",
+                  metric=None if config.is_regression else "accuracy",
+                  recompute=config.inner_recompute,
+                  compute_dtype=None if config.precision == "float32" else config.precision,
+                  inner_optimizer=config.inner_optimizer, allow_inexact=config.allow_inexact)
+    algorithm = config.algorithm
+    if algorithm in ("maml", "fomaml"):
+        return MetaLearner(model, **kwargs)
+    if algorithm == "mamlpp":
+        return MamlPlusPlus(model, lslr=config.lslr, bnwb=config.bnwb, bnrs=config.bnrs,
+                            msl_iterations=config.msl_iterations,
+                            da_iterations=config.da_iterations, **kwargs)
+    if algorithm == "protonet":
+        return ProtoNet(model, way=config.way, **kwargs)
+    if algorithm == "pretrain":
+        if not config.is_regression and num_classes is None:
+            from maml_tf import data as data_lib
+            num_classes = int(data_lib.split_images(config, "train").shape[0])
+        return Pretrain(model, num_classes=None if config.is_regression else num_classes,
+                        **kwargs)
+    return {"reptile": Reptile, "metasgd": MetaSGD, "anil": ANIL}[algorithm](model, **kwargs)
+
+
+def train_inner_steps(config) -> int:
+    """Inner steps during meta-training: none for the pre-training baseline (it trains one
+    network on all tasks jointly and is fine-tuned only at evaluation) or ProtoNets."""
+    return 0 if config.algorithm in ("pretrain", "protonet") else config.inner_steps
