@@ -84,41 +84,45 @@ def test_non_finite_meta_loss_fails_naming_the_window_and_saves_no_nan(tmp_path)
     assert step == 4 and all(np.all(np.isfinite(w)) for w in weights)
 
 
-def _flagfile_config(cfg, workdir):
+def _smoke_overrides(cfg) -> dict:
+    """Flags that shrink a flagfile's run to a smoke run: 2 iterations and one task per task
+    chunk, keeping its data, model, algorithm and switches. (The paper-sized meta-batches took
+    up to 8.3 GB each here: Omniglot 20w5s, 16 tasks, no XLA.)"""
     values = flags.FLAGS
     values(["prog"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
     try:
         config = maml_flags.config_from_flags(values)
     finally:
         values.unparse_flags()
-    # Every flagfile's data, model, algorithm and switches, with one task per task chunk: the
-    # paper-sized meta-batches took up to 8.3 GB each here (Omniglot 20w5s, 16 tasks, no XLA),
-    # and the suite must stay within its memory budget (conftest.py).
-    values = {**config.to_dict(), "num_iterations": 2, "eval_tasks": 2, "val_tasks": 2,
-              "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "jit_compile": False,
-              "meta_batch_size": config.task_chunks}
+    overrides = {"num_iterations": 2, "eval_tasks": 2, "val_tasks": 2, "log_every": 1,
+                 "eval_every": 2, "checkpoint_every": 2, "jit_compile": "false",
+                 "meta_batch_size": config.task_chunks}
     if config.model == "resnet12":
         # One second-order ResNet-12 task at 84x84 with 15 queries takes ~10 GB and 20 s
-        # here: the smoke run keeps the flagfile's model and flags, with 1 task, 1 query and
-        # 1 inner step.
-        values.update(meta_batch_size=1, task_chunks=1, query=1, inner_steps=1,
-                      eval_inner_steps=1)
-    return Config.from_dict(values)
+        # here: 1 task, 1 query and 1 inner step.
+        overrides.update(meta_batch_size=1, task_chunks=1, query=1, inner_steps=1,
+                         eval_inner_steps=1)
+    return config, overrides
 
 
 @pytest.mark.parametrize("cfg", sorted(os.path.relpath(p, ROOT) for p in
                                        glob.glob(os.path.join(ROOT, "runs", "*.cfg"))
                                        if not p.endswith("_common.cfg")))
-def test_every_flagfile_runs_two_iterations(cfg, tmp_path, monkeypatch, request):
-    monkeypatch.chdir(ROOT)
-    config = _flagfile_config(cfg, str(tmp_path))
+def test_every_flagfile_runs_two_iterations(cfg, tmp_path, request):
+    # Through the entry point, in its own process: 21 different networks and shapes built in
+    # the test process would pile up there (the suite has a memory budget, conftest.py).
+    config, overrides = _smoke_overrides(cfg)
     if config.dataset == "omniglot":
-        config = Config.from_dict({**config.to_dict(),
-                                   "data_dir": request.getfixturevalue("omniglot_dir")})
+        overrides["data_dir"] = request.getfixturevalue("omniglot_dir")
     elif config.dataset == "mini_imagenet":
-        config = Config.from_dict({**config.to_dict(),
-                                   "data_dir": request.getfixturevalue("mini_imagenet_dir")})
-    results = train_loop.run(config, str(tmp_path / "run"))
+        overrides["data_dir"] = request.getfixturevalue("mini_imagenet_dir")
+    workdir = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MAML_TF_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "maml_tf.train", f"--flagfile={cfg}",
+                           f"--workdir={workdir}"] + [f"--{k}={v}" for k, v in overrides.items()],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(workdir / "results.json"))
     assert results["protocol"]["checkpoint_step"] == 2
 
 
