@@ -110,7 +110,7 @@ def _smoke_overrides(cfg) -> dict:
                                        if not p.endswith("_common.cfg")))
 def test_every_flagfile_runs_two_iterations(cfg, tmp_path, request):
     # Through the entry point, in its own process: 21 different networks and shapes built in
-    # the test process would pile up there (the suite has a memory budget, conftest.py).
+    # the test process would pile up there (the suite reports its peak memory, conftest.py).
     config, overrides = _smoke_overrides(cfg)
     if config.dataset == "omniglot":
         overrides["data_dir"] = request.getfixturevalue("omniglot_dir")
