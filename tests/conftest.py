@@ -1,8 +1,10 @@
 """Test set-up: quiet TF, offline TFDS, and where the shared real data sets live."""
 
 import gc
+import json
 import os
 import resource
+import time
 
 import pytest
 
@@ -53,6 +55,27 @@ def _fresh_keras_state():
     import keras
     keras.backend.clear_session(free_memory=True)
     gc.collect()
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # MAML_TF_TEST_PROFILE=<file>: one JSON line per test with its wall time, the process's
+    # resident memory after it and the peak so far, to find the tests that drive the peak.
+    path = os.environ.get("MAML_TF_TEST_PROFILE")
+    start = time.perf_counter()
+    yield
+    if path and os.path.exists("/proc/self/statm"):
+        with open(path, "a") as f:
+            f.write(json.dumps({
+                "test": item.nodeid, "seconds": round(time.perf_counter() - start, 2),
+                "rss_gb": round(_rss_gb(), 3),
+                "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
+            }) + "\n")
 
 
 def pytest_sessionfinish(session, exitstatus):
