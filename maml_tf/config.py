@@ -12,7 +12,14 @@ import math
 from typing import Any
 
 DATASETS = ("sinusoid", "omniglot", "mini_imagenet")
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "mamlpp", "protonet", "pretrain")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "boil", "cavia", "imaml", "mamlpp",
+              "protonet", "r2d2", "metaoptnet", "matching", "relation", "pretrain")
+# Classify queries from support embeddings with no inner loop (algorithms/_embedding.py).
+METRIC_LEARNERS = ("protonet", "r2d2", "metaoptnet", "matching", "relation")
+# Each algorithm's own switches: setting one with another algorithm is an error.
+ALGORITHM_SWITCHES = {"context_dim": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
+                      "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
+                      "fce": "matching", "fce_steps": "matching", "relation_hidden": "relation"}
 INNER_OPTIMIZERS = ("sgd", "adam")
 META_OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -66,6 +73,14 @@ class Config:
     bnrs: bool = False
     msl_iterations: int = 0
     da_iterations: int = 0
+    context_dim: int = 100
+    imaml_lambda: float = 1.0
+    cg_steps: int = 5
+    svm_c: float = 0.1
+    svm_iterations: int = 25
+    fce: bool = False
+    fce_steps: int = 5
+    relation_hidden: int = 8
     meta_batch_size: int = 25
     task_chunks: int = 1
     grad_clip: float = 0.0
@@ -107,8 +122,9 @@ class Config:
 
     @property
     def is_metric_learner(self) -> bool:
-        """ProtoNets: the classifier is built from the support set, with no inner loop."""
-        return self.algorithm == "protonet"
+        """ProtoNets, R2-D2, MetaOptNet, Matching and Relation Networks: the classifier is
+        built from the support set, with no inner loop."""
+        return self.algorithm in METRIC_LEARNERS
 
     @property
     def queries(self) -> int:
@@ -211,6 +227,13 @@ class Config:
         _positive("min_meta_lr", self.min_meta_lr, allow_zero=True)
         _at_least("msl_iterations", self.msl_iterations, 0, "(0: no multi-step loss)")
         _at_least("da_iterations", self.da_iterations, 0, "(0: second order from the start)")
+        _at_least("context_dim", self.context_dim, 1)
+        _positive("imaml_lambda", self.imaml_lambda)
+        _at_least("cg_steps", self.cg_steps, 1)
+        _positive("svm_c", self.svm_c)
+        _at_least("svm_iterations", self.svm_iterations, 1)
+        _at_least("fce_steps", self.fce_steps, 1)
+        _at_least("relation_hidden", self.relation_hidden, 1)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
         _at_least("meta_batch_size", self.meta_batch_size, 1)
         _at_least("task_chunks", self.task_chunks, 1, "(1: all tasks of a replica at once)")
@@ -228,7 +251,7 @@ class Config:
     def warnings(self) -> list[str]:
         """Settings that run but are probably not what was meant."""
         out = []
-        adapts = self.algorithm not in ("protonet", "pretrain")
+        adapts = not self.is_metric_learner and self.algorithm != "pretrain"
         if adapts and self.inner_steps == 0:
             out.append(f"--inner_steps=0 with --algorithm={self.algorithm}: the inner loop never "
                        "adapts in meta-training, so this trains one network for all tasks.")
@@ -280,8 +303,13 @@ class Config:
             raise ConfigError("--inner_optimizer=adam is Reptile's first-order inner loop; "
                               "use --algorithm=reptile, or --inner_optimizer=sgd.")
         if self.is_metric_learner and self.is_regression:
-            raise ConfigError("--algorithm=protonet classifies by class prototypes; it does not "
-                              "apply to --dataset=sinusoid.")
+            raise ConfigError(f"--algorithm={self.algorithm} classifies queries from support "
+                              "embeddings; it does not apply to --dataset=sinusoid.")
+        defaults = Config.__dataclass_fields__
+        for name, owner in ALGORITHM_SWITCHES.items():
+            if getattr(self, name) != defaults[name].default and self.algorithm != owner:
+                raise ConfigError(f"--{name} is a switch of --algorithm={owner} (got "
+                                  f"--algorithm={self.algorithm}): drop it or change algorithm.")
         if self.cpu_devices and self.strategy == "default":
             raise ConfigError(f"--cpu_devices={self.cpu_devices} splits the CPU into replicas for "
                               "--strategy=mirrored; with the default strategy it does nothing: "

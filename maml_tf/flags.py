@@ -92,6 +92,19 @@ flags.DEFINE_integer("msl_iterations", _D.msl_iterations, "Multi-step loss: weig
                      "many iterations (0: off).")
 flags.DEFINE_integer("da_iterations", _D.da_iterations, "Derivative-order annealing: first-"
                      "order meta-gradients for this many iterations, then second order (0: off).")
+# -- the other algorithms' own switches ----------------------------------------------------
+flags.DEFINE_integer("context_dim", _D.context_dim, "CAVIA: context parameters per task, "
+                     "appended to the network's input (features or channels).")
+flags.DEFINE_float("imaml_lambda", _D.imaml_lambda, "iMAML: proximal regularisation lambda.")
+flags.DEFINE_integer("cg_steps", _D.cg_steps, "iMAML: conjugate-gradient iterations of the "
+                     "implicit meta-gradient.")
+flags.DEFINE_float("svm_c", _D.svm_c, "MetaOptNet: the SVM's C.")
+flags.DEFINE_integer("svm_iterations", _D.svm_iterations, "MetaOptNet: interior-point "
+                     "iterations of the SVM solver.")
+flags.DEFINE_bool("fce", _D.fce, "Matching Networks: full context embeddings (LSTMs).")
+flags.DEFINE_integer("fce_steps", _D.fce_steps, "Matching Networks: attention-LSTM steps.")
+flags.DEFINE_integer("relation_hidden", _D.relation_hidden, "Relation Networks: units of the "
+                     "relation module's hidden dense layer.")
 flags.DEFINE_integer("meta_batch_size", _D.meta_batch_size, "Tasks per meta-update (global, "
                      "over all replicas).")
 flags.DEFINE_integer("task_chunks", _D.task_chunks, "Compute each replica's meta-gradient "

@@ -56,6 +56,7 @@ class MetaLearner(tf.Module):
     batch-norm statistics), as one list of tensors, ``weights``, in that order.
 
     Hooks for subclasses: ``inner_lr_for`` / ``inner_update`` (how fast weights move),
+    ``adapted`` (which of them move: BOIL, CAVIA), ``initial_fast_weights`` (CAVIA's context),
     ``step_params`` / ``forward_at`` (what the network sees at inner step k), ``inner_loop``
     (the whole inner loop: ANIL, pre-training), ``objective`` (how per-step query losses
     combine), ``meta_step`` (Reptile replaces the tape), ``first_order_at`` (MAML++'s
@@ -190,19 +191,33 @@ class MetaLearner(tf.Module):
         ``[T, *shape]``). Meta-SGD and LSLR return learned tensors."""
         return tf.constant(self.inner_lr, dtype=dtype)
 
-    def inner_update(self, params: list[tf.Tensor], grads: list[tf.Tensor],
+    def inner_update(self, params: list[tf.Tensor], grads: list[tf.Tensor | None],
                      state: list[tf.Tensor], extra: list[tf.Tensor],
                      step: int) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
-        """One inner step on the fast weights -> (new params, new optimizer state)."""
+        """One inner step on the fast weights -> (new params, new optimizer state).
+        A ``None`` gradient marks a fast weight that the inner loop does not adapt."""
         lrs = [tf.cast(self.inner_lr_for(i, step, extra, p.dtype), p.dtype)
                for i, p in enumerate(params)]
         if self.inner_optimizer == "sgd":
-            return [p - lr * g for p, lr, g in zip(params, lrs, grads)], state
+            return [p if g is None else p - lr * g for p, lr, g in zip(params, lrs, grads)], state
         b2, eps, t = 0.999, 1e-8, float(step + 1)
-        v = [b2 * v0 + (1 - b2) * tf.square(g) for v0, g in zip(state, grads)]
-        new = [p - lr * g / (tf.sqrt(vk / (1 - b2 ** t)) + eps)
+        v = [v0 if g is None else b2 * v0 + (1 - b2) * tf.square(g)
+             for v0, g in zip(state, grads)]
+        new = [p if g is None else p - lr * g / (tf.sqrt(vk / (1 - b2 ** t)) + eps)
                for p, lr, g, vk in zip(params, lrs, grads, v)]
         return new, v
+
+    def adapted(self, num_params: int) -> list[bool]:
+        """Which of the ``num_params`` fast weights the inner loop moves (all by default;
+        BOIL freezes the head, CAVIA adapts its context only). Frozen ones keep their
+        meta-values and cost no inner gradient."""
+        return [True] * num_params
+
+    def initial_fast_weights(self, net_weights: list[tf.Tensor], num_tasks: int,
+                             extra: list[tf.Tensor]) -> list[tf.Tensor]:
+        """The fast weights at inner step 0, each ``[T, *shape]``: the network's weights
+        copied per task (CAVIA appends its context vector)."""
+        return tile_for_tasks(net_weights, num_tasks)
 
     def step_params(self, params: list[tf.Tensor], extra: list[tf.Tensor],
                     step: int) -> list[tf.Tensor]:
@@ -218,15 +233,20 @@ class MetaLearner(tf.Module):
     def support_grads(self, params: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
                       first_order: bool, extra: Sequence[tf.Tensor] = (),
                       step: int = 0) -> tuple[list[tf.Tensor], tf.Tensor]:
-        """Gradient of each task's support loss w.r.t. its fast weights ``[T, *shape]``."""
+        """Gradient of each task's support loss w.r.t. its fast weights ``[T, *shape]``
+        (None for those that ``adapted`` leaves frozen)."""
+        mask = self.adapted(len(params))
+        moving = [p for p, m in zip(params, mask) if m]
         with tf.GradientTape() as tape:
-            tape.watch(params)
+            tape.watch(moving)
             out = self.forward_at(params, x, extra, step)
             losses = self.loss_fn(out, y)
             total = tf.reduce_sum(losses)
-        grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        found = iter(tape.gradient(total, moving,
+                                   unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        grads = [next(found) if m else None for m in mask]
         if first_order:
-            grads = [tf.stop_gradient(g) for g in grads]
+            grads = [None if g is None else tf.stop_gradient(g) for g in grads]
         return grads, losses
 
     def inner_loop(self, weights: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, steps: int,
@@ -240,7 +260,7 @@ class MetaLearner(tf.Module):
         net_weights, extra = self.split(weights)
         if self.compute_dtype is not None:
             net_weights = [tf.cast(w, self.compute_dtype) for w in net_weights]
-        params = tile_for_tasks(net_weights, x.shape[0])
+        params = self.initial_fast_weights(net_weights, x.shape[0], extra)
         state = self.init_inner_state(params)
         n, m = len(params), len(state)
         trajectory = [params]

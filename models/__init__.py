@@ -28,25 +28,30 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
     if model_fn is not None or config.is_custom_model:
         fn = model_fn or load_model_fn(config.model)
         return build_user_model(fn, input_shape(config), num_outputs(config), dtype)
+    shape = input_shape(config)
     if config.is_regression:
         # cbfinn/maml's truncated normal (stddev 0.01): measured here, it keeps 1..10 inner
         # steps stable at alpha = 0.01, where Glorot's init let some 5-shot tasks diverge.
-        return zoo.mlp(1, [40, 40], 1, dtype=dtype,
+        return zoo.mlp(shape[0], [40, 40], 1, dtype=dtype,
                        kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.01))
     if config.model_name == "mlp":
         # The paper's non-convolutional Omniglot network: 256-128-64-64 with batch norm.
-        h, w, c = config.image_shape
+        h, w, c = shape
         return _flattened(zoo.mlp(h * w * c, [256, 128, 64, 64], config.way, batch_norm=True,
-                                  dtype=dtype), config.image_shape, dtype)
+                                  dtype=dtype), shape, dtype)
     if config.model_name == "resnet12":
-        return resnet.resnet12(config.image_shape, config.way, dtype=dtype)
-    return zoo.conv4(config.image_shape, config.way, filters=config.filters, pool=config.pool,
+        return resnet.resnet12(shape, config.way, dtype=dtype)
+    return zoo.conv4(shape, config.way, filters=config.filters, pool=config.pool,
                      dtype=dtype, norm=config.norm)
 
 
 def input_shape(config) -> tuple[int, ...]:
-    """One example's shape: ``(1,)`` for sinusoid, ``(H, W, C)`` for images."""
-    return (1,) if config.is_regression else tuple(config.image_shape)
+    """One example's shape as the network sees it: ``(1,)`` for sinusoid, ``(H, W, C)`` for
+    images; CAVIA appends its ``context_dim`` context entries to the last axis."""
+    shape = (1,) if config.is_regression else tuple(config.image_shape)
+    if config.algorithm == "cavia":
+        shape = shape[:-1] + (shape[-1] + config.context_dim,)
+    return shape
 
 
 def num_outputs(config) -> int:

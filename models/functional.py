@@ -362,6 +362,16 @@ class LayerStack:
     def meta_weights(self) -> list[tf.Tensor]:
         return [v.value for v in self.variables]
 
+    def feature_maps(self) -> "LayerStack":
+        """This stack without its final Flatten or global pooling layer, so that it outputs
+        feature maps (Relation Networks); itself if it does not end in one (or is a graph)."""
+        kind, obj = self._root
+        flatten = (L.Flatten, L.GlobalAvgPool, keras.layers.Flatten,
+                   keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+        if kind == "chain" and obj and isinstance(obj[-1], flatten):
+            return LayerStack(("chain", obj[:-1]), self.variables)
+        return self
+
     def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool | None = None,
               **_) -> tf.Tensor:
         training = _MODE.training if training is None else training

@@ -1,16 +1,23 @@
 """The meta-learning algorithms, one module each, all subclasses of ``MetaLearner``, and
 ``build_learner(config, model)`` that ``--algorithm`` names.
 
-=========  ===========================================================================
+==========  ==========================================================================
 maml       ``MAML`` (``maml.py``, the core ``MetaLearner``): second-order MAML (Finn et al. 2017)
 fomaml     ``FOMAML`` (``maml.py``): the second-order term dropped
 reptile    ``Reptile`` (Nichol et al. 2018): pseudo-gradient towards adapted weights
 metasgd    ``MetaSGD`` (Li et al. 2017): a learned step size for every parameter
 anil       ``ANIL`` (Raghu et al. 2020): the inner loop adapts the head only
+boil       ``BOIL`` (Oh et al. 2021): the inner loop adapts the body only
+cavia      ``CAVIA`` (Zintgraf et al. 2019): a per-task context vector adapts, weights do not
+imaml      ``IMAML`` (Rajeswaran et al. 2019): proximal inner loop, implicit meta-gradient (CG)
 mamlpp     ``MamlPlusPlus`` (Antoniou et al. 2019): LSLR, BNWB, BNRS, MSL, DA (+ CA: a schedule)
 protonet   ``ProtoNet`` (Snell et al. 2017): nearest class mean of Conv-4 embeddings
+r2d2       ``R2D2`` (Bertinetto et al. 2019): closed-form ridge-regression head
+metaoptnet ``MetaOptNet`` (Lee et al. 2019): multi-class SVM head, implicit differentiation
+matching   ``MatchingNet`` (Vinyals et al. 2016): cosine attention, optional FCE LSTMs
+relation   ``RelationNet`` (Sung et al. 2018): a learned relation module on feature maps
 pretrain   ``Pretrain``: one network trained on all training classes, fine-tuned at test
-=========  ===========================================================================
+==========  ==========================================================================
 """
 
 from __future__ import annotations
@@ -18,15 +25,23 @@ from __future__ import annotations
 import keras
 
 from maml_tf.algorithms.anil import ANIL
+from maml_tf.algorithms.boil import BOIL
+from maml_tf.algorithms.cavia import CAVIA
+from maml_tf.algorithms.imaml import IMAML
 from maml_tf.algorithms.maml import FOMAML, MAML
 from maml_tf.algorithms.mamlpp import MamlPlusPlus
+from maml_tf.algorithms.matching import MatchingNet
+from maml_tf.algorithms.metaoptnet import MetaOptNet
 from maml_tf.algorithms.metasgd import MetaSGD
 from maml_tf.algorithms.pretrain import Pretrain
 from maml_tf.algorithms.protonet import ProtoNet
+from maml_tf.algorithms.r2d2 import R2D2
+from maml_tf.algorithms.relation import RelationNet
 from maml_tf.algorithms.reptile import Reptile
 from maml_tf.meta_learner import MetaLearner
 
-__all__ = ["ANIL", "FOMAML", "MAML", "MamlPlusPlus", "MetaSGD", "Pretrain", "ProtoNet", "Reptile",
+__all__ = ["ANIL", "BOIL", "CAVIA", "FOMAML", "IMAML", "MAML", "MamlPlusPlus", "MatchingNet",
+           "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2", "RelationNet", "Reptile",
            "build_learner", "train_inner_steps"]
 
 
@@ -50,18 +65,36 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
         return MamlPlusPlus(model, lslr=config.lslr, bnwb=config.bnwb, bnrs=config.bnrs,
                             msl_iterations=config.msl_iterations,
                             da_iterations=config.da_iterations, **kwargs)
+    if algorithm == "cavia":
+        return CAVIA(model, context_dim=config.context_dim, **kwargs)
+    if algorithm == "imaml":
+        return IMAML(model, lam=config.imaml_lambda, cg_steps=config.cg_steps, **kwargs)
     if algorithm == "protonet":
         return ProtoNet(model, way=config.way, **kwargs)
+    if algorithm == "r2d2":
+        return R2D2(model, way=config.way, **kwargs)
+    if algorithm == "metaoptnet":
+        return MetaOptNet(model, way=config.way, svm_c=config.svm_c,
+                          svm_iterations=config.svm_iterations, **kwargs)
+    if algorithm == "matching":
+        return MatchingNet(model, way=config.way, fce=config.fce, fce_steps=config.fce_steps,
+                           **kwargs)
+    if algorithm == "relation":
+        return RelationNet(model, way=config.way, hidden=config.relation_hidden, **kwargs)
     if algorithm == "pretrain":
         if not config.is_regression and num_classes is None:
             from maml_tf import data as data_lib
             num_classes = int(data_lib.split_images(config, "train").shape[0])
         return Pretrain(model, num_classes=None if config.is_regression else num_classes,
                         **kwargs)
-    return {"reptile": Reptile, "metasgd": MetaSGD, "anil": ANIL}[algorithm](model, **kwargs)
+    return {"reptile": Reptile, "metasgd": MetaSGD, "anil": ANIL,
+            "boil": BOIL}[algorithm](model, **kwargs)
 
 
 def train_inner_steps(config) -> int:
     """Inner steps during meta-training: none for the pre-training baseline (it trains one
-    network on all tasks jointly and is fine-tuned only at evaluation) or ProtoNets."""
-    return 0 if config.algorithm in ("pretrain", "protonet") else config.inner_steps
+    network on all tasks jointly and is fine-tuned only at evaluation) or the embedding
+    learners (ProtoNets, R2-D2, MetaOptNet, Matching and Relation Networks)."""
+    if config.algorithm == "pretrain" or config.is_metric_learner:
+        return 0
+    return config.inner_steps

@@ -1,0 +1,78 @@
+"""The shared core of the learners that classify queries from support embeddings with no
+inner loop (ProtoNets, R2-D2, MetaOptNet, Matching and Relation Networks): the network's
+body embeds both sets, and a head built from the support set scores the queries."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from maml_tf.data.episode import Episode
+from maml_tf.meta_learner import MetaLearner, StepMetrics
+from maml_tf.models.functional import tile_for_tasks
+
+
+class EmbeddingLearner(MetaLearner):
+    """Base class: the body of the network (everything before its head, whose weights stay
+    unused) embeds support and query examples; ``head`` maps (support embeddings, support
+    labels, query embeddings, the learner's own tensors) to query logits ``[T, N_q, way]``.
+    There is no inner loop, so ``StepMetrics`` has a single column and ``inner_steps`` is
+    ignored.
+
+    Subclasses implement ``head`` and may override ``query_loss`` (Relation Networks use
+    the MSE to one-hot targets) and ``embed`` (feature maps instead of vectors).
+    """
+
+    SECOND_ORDER = False   # no inner loop: first derivatives only
+
+    def __init__(self, model, *, way: int | None = None, **kwargs):
+        super().__init__(model, **kwargs)
+        self.body, head = self.net.split_head()
+        # The head (unused) was built for the task's classes: its outputs are the way.
+        self.way = int(way or head.variables[-1].shape[-1])
+
+    @property
+    def reports_inner_steps(self):
+        return False
+
+    def inner_loop(self, weights, x, y, steps, first_order=None):
+        raise NotImplementedError(f"{type(self).__name__} has no inner loop: use "
+                                  "meta_gradient, evaluate or meta_loss.")
+
+    def embed(self, weights, x: tf.Tensor) -> tf.Tensor:
+        """Embeddings ``[T, N, ...]`` of x ``[T, N, ...]`` by the body at ``weights``."""
+        nb = len(self.body.variables)
+        body = tile_for_tasks(weights[:nb], x.shape[0])
+        return self.apply_in_compute_dtype(self.body, body, x)
+
+    def head(self, support: tf.Tensor, support_y: tf.Tensor, query: tf.Tensor,
+             extra: list[tf.Tensor]) -> tf.Tensor:
+        """Query logits ``[T, N_q, way]`` from support embeddings ``[T, N_s, ...]``, their
+        labels ``[T, N_s]`` and query embeddings ``[T, N_q, ...]``."""
+        raise NotImplementedError
+
+    def query_loss(self, logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        """Per-task loss ``[T]`` (the learner's ``loss``, cross-entropy by default)."""
+        return self.loss_fn(logits, labels)
+
+    def meta_loss(self, weights, episode: Episode, steps, first_order=None, track_steps=True,
+                  iteration=None):
+        logits = self.logits(weights, episode)
+        loss = self.query_loss(logits, episode.query_y)
+        metric = self.metric_fn(logits, episode.query_y) if self.metric_fn else None
+        per_step = StepMetrics(loss[:, None], None if metric is None else metric[:, None])
+        return tf.reduce_mean(loss), per_step
+
+    def logits(self, weights, episode: Episode) -> tf.Tensor:
+        """Query logits ``[T, N_q, way]`` of an episode at ``weights``."""
+        zs = self.embed(weights, episode.support_x)
+        zq = self.embed(weights, episode.query_x)
+        return self.head(zs, episode.support_y, zq, self.split(weights)[1])
+
+
+def class_sums(z: tf.Tensor, labels: tf.Tensor, way: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-class sums ``[T, way, ...]`` of embeddings z ``[T, N, ...]`` and the class
+    counts ``[T, way]``."""
+    onehot = tf.one_hot(labels, way, dtype=z.dtype)                  # [T, N, way]
+    flat = tf.reshape(z, [z.shape[0], z.shape[1], -1])
+    sums = tf.matmul(onehot, flat, transpose_a=True)                # [T, way, D]
+    return tf.reshape(sums, [z.shape[0], way] + z.shape[2:].as_list()), tf.reduce_sum(onehot, 1)
