@@ -50,11 +50,22 @@ MEMORY_TARGET_GB = 6.0
 
 
 @pytest.fixture(autouse=True)
-def _fresh_keras_state():
+def _fresh_keras_state(request):
     yield
+    # pytest keeps every unittest.TestCase instance until the session ends, and with it
+    # whatever setUp stored (models, learners, their traced and compiled functions): drop
+    # those references so that the memory can be freed.
+    instance = request.instance
+    if instance is not None:
+        for name in [n for n in vars(instance) if not n.startswith("_")]:
+            delattr(instance, name)
+    mode = os.environ.get("MAML_TF_TEST_CLEANUP", "full")
     import keras
-    keras.backend.clear_session(free_memory=True)
-    gc.collect()
+    if mode == "full":
+        keras.backend.clear_session(free_memory=True)
+        gc.collect()
+    elif mode == "light":
+        keras.backend.clear_session(free_memory=False)
 
 
 def _rss_gb() -> float:

@@ -196,3 +196,38 @@ class MamlPlusPlusContractTest(LearnerContract, tf.test.TestCase):
 
 class ProtoNetContractTest(LearnerContract, tf.test.TestCase):
     ALGORITHM = "protonet"
+
+
+class BoilContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "boil"
+
+
+class CaviaContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "cavia"
+    OVERRIDES = {"context_dim": 8}
+
+
+class ImamlContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "imaml"
+    OVERRIDES = {"cg_steps": 2}   # its exactness is tests/optimization_learners_test.py's
+
+
+class R2D2ContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "r2d2"
+
+
+class MetaOptNetContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "metaoptnet"
+
+
+class MatchingNetContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "matching"
+
+
+class MatchingNetFceContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "matching"
+    OVERRIDES = {"fce": True}
+
+
+class RelationNetContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "relation"

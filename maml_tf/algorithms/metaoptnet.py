@@ -114,14 +114,15 @@ def _interior_point(hessian, linear, rows, c, n, k, iterations) -> tf.Tensor:
         ds = (-r_comp - s * db) / b
         # Fraction to the boundary: stay strictly inside b > 0, s > 0.
         ratio = tf.minimum(_max_step(b, db), _max_step(s, ds))
-        size = tf.minimum(1.0, 0.99 * ratio)
+        size = tf.minimum(tf.constant(1.0, tf.float64), 0.99 * ratio)
         b, s, nu = b + size * db, s + size * ds, nu + size * dnu
     return tf.cast(s > b, tf.float64)
 
 
 def _max_step(x, dx):
     """Largest step ``a`` (per task, ``[T, 1]``) with ``x + a dx >= 0``."""
-    limits = tf.where(dx < 0, -x / tf.minimum(dx, -1e-300), tf.constant(1e300, x.dtype))
+    limits = tf.where(dx < 0, -x / tf.minimum(dx, tf.constant(-1e-300, x.dtype)),
+                      tf.constant(1e300, x.dtype))
     return tf.reduce_min(limits, axis=1, keepdims=True)
 
 

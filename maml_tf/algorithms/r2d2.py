@@ -45,7 +45,7 @@ def ridge_solution(x: tf.Tensor, labels: tf.Tensor, way: int, lam: tf.Tensor) ->
     (one-hot targets), penalty lam > 0; Woodbury form when N < D."""
     n, d = x.shape[1], x.shape[2]
     y = tf.one_hot(labels, way, dtype=x.dtype)
-    lam = tf.cast(lam, x.dtype)
+    lam = tf.cast(tf.convert_to_tensor(lam, dtype_hint=x.dtype), x.dtype)
     if n < d:
         gram = tf.matmul(x, x, transpose_b=True) + lam * tf.eye(n, dtype=x.dtype)      # [T, N, N]
         return tf.matmul(x, tf.linalg.solve(gram, y), transpose_a=True)
