@@ -17,7 +17,7 @@ ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "boil", "cavia", "
 # Classify queries from support embeddings with no inner loop (algorithms/_embedding.py).
 METRIC_LEARNERS = ("protonet", "r2d2", "metaoptnet", "matching", "relation")
 # Each algorithm's own switches: setting one with another algorithm is an error.
-ALGORITHM_SWITCHES = {"context_dim": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
+ALGORITHM_SWITCHES = {"context_dim": "cavia", "film_layer": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
                       "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
                       "fce": "matching", "fce_steps": "matching", "relation_hidden": "relation"}
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -74,6 +74,7 @@ class Config:
     msl_iterations: int = 0
     da_iterations: int = 0
     context_dim: int = 100
+    film_layer: str = ""
     imaml_lambda: float = 1.0
     cg_steps: int = 5
     svm_c: float = 0.1

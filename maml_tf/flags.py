@@ -94,7 +94,9 @@ flags.DEFINE_integer("da_iterations", _D.da_iterations, "Derivative-order anneal
                      "order meta-gradients for this many iterations, then second order (0: off).")
 # -- the other algorithms' own switches ----------------------------------------------------
 flags.DEFINE_integer("context_dim", _D.context_dim, "CAVIA: context parameters per task, "
-                     "appended to the network's input (features or channels).")
+                     "appended to a vector input (regression) or fed to FiLM (images).")
+flags.DEFINE_string("film_layer", _D.film_layer, "CAVIA on images: the layer whose output "
+                    "the context modulates by FiLM (empty: the third normalisation layer).")
 flags.DEFINE_float("imaml_lambda", _D.imaml_lambda, "iMAML: proximal regularisation lambda.")
 flags.DEFINE_integer("cg_steps", _D.cg_steps, "iMAML: conjugate-gradient iterations of the "
                      "implicit meta-gradient.")

@@ -46,12 +46,11 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
 
 
 def input_shape(config) -> tuple[int, ...]:
-    """One example's shape as the network sees it: ``(1,)`` for sinusoid, ``(H, W, C)`` for
-    images; CAVIA appends its ``context_dim`` context entries to the last axis."""
-    shape = (1,) if config.is_regression else tuple(config.image_shape)
-    if config.algorithm == "cavia":
-        shape = shape[:-1] + (shape[-1] + config.context_dim,)
-    return shape
+    """One example's shape as the network sees it: ``(1,)`` for sinusoid (CAVIA appends its
+    ``context_dim`` context entries), ``(H, W, C)`` for images."""
+    if config.is_regression:
+        return (1 + (config.context_dim if config.algorithm == "cavia" else 0),)
+    return tuple(config.image_shape)
 
 
 def num_outputs(config) -> int:

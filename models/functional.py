@@ -130,8 +130,10 @@ class _Run:
     """One forward pass: fast weights by variable, the mode, batch-norm statistics."""
 
     def __init__(self, index: dict, params: Sequence[tf.Tensor], training: bool,
-                 norm_stats=None, collect=None, roots: dict | None = None):
+                 norm_stats=None, collect=None, roots: dict | None = None, after=None):
         self.index, self.params, self.training = index, list(params), training
+        # {layer name: fn}: fn(output) replaces that layer's output (CAVIA's FiLM).
+        self.after = after or {}
         self.norm_stats, self.collect, self.norm_index = norm_stats, collect, 0
         self.dtype = self.params[0].dtype if self.params else None
         # Graphs of nested models, by id: a nested subclassed model is traced once.
@@ -167,6 +169,11 @@ class _Run:
             lambda *args, **kwargs: self.call(op, args, kwargs)))
 
     def call(self, op, args, kwargs):
+        out = self._call(op, args, kwargs)
+        fn = self.after.get(getattr(op, "name", None))
+        return out if fn is None else fn(out)
+
+    def _call(self, op, args, kwargs):
         if isinstance(op, keras.Model):
             if id(op) not in self.roots:
                 self.roots[id(op)] = _root_of(op)
@@ -262,20 +269,23 @@ class FunctionalModel:
         return [v.value for v in self.variables]
 
     def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool | None = None,
-              norm_stats: Sequence | None = None, collect: list | None = None) -> tf.Tensor:
+              norm_stats: Sequence | None = None, collect: list | None = None,
+              after: dict | None = None) -> tf.Tensor:
         """params: ``[T, *shape]`` per variable; x: ``[T, N, ...]`` -> ``[T, N, out]``.
 
         training: dropout on or off (None: on, except inside ``inference()``).
         norm_stats: optional ``(mean [C], var [C])`` for each batch-norm call in order, used
         instead of batch statistics; collect: a list that receives each batch-norm call's
-        batch ``(mean, var)``.
+        batch ``(mean, var)``; after: ``{layer name: fn}``, each ``fn(output) -> output``
+        applied to that layer's output ``[T, N, ...]`` (CAVIA's FiLM).
         """
         training = _MODE.training if training is None else training
         if self._root is None:
-            if norm_stats is not None or collect is not None:
-                raise ValueError("norm_stats / collect need a model whose graph can be walked.")
+            if norm_stats is not None or collect is not None or after:
+                raise ValueError("norm_stats / collect / after need a model whose graph can be "
+                                 "walked.")
             return self._per_task_model(params, x, training)
-        run = _Run(self._index, params, training, norm_stats, collect, self._roots)
+        run = _Run(self._index, params, training, norm_stats, collect, self._roots, after)
         out = run.run(self._root, x)
         if norm_stats is not None and run.norm_index != len(norm_stats):
             raise ValueError(f"{len(norm_stats)} batch-norm statistics given, "

@@ -13,7 +13,7 @@ import keras
 from algorithms_test import (TASKS, _config, _episode, _fd_check, _loss_and_grads, _Masked,
                              _sinusoid_episode)
 from maml_tf.algorithms import IMAML, build_learner
-from maml_tf.algorithms.cavia import with_context
+from maml_tf.algorithms.cavia import film
 from maml_tf.config import Config
 from maml_tf.data.episode import Episode
 from maml_tf.models import get_model
@@ -116,17 +116,34 @@ class CaviaTest(tf.test.TestCase):
         learner = _float64_sinusoid("cavia", context_dim=2, inner_lr=0.1)
         _fd_check(self, learner, _sinusoid_episode(), 3, index=0)
 
-    def test_images_receive_the_context_as_constant_channels(self):
+    def test_images_get_film_at_the_third_normalisation_layer(self):
         config = _config("cavia", context_dim=3)
-        model = get_model(config)
-        self.assertEqual(model.input_shape[1:], (28, 28, 4))
-        x = tf.random.uniform([2, 5, 28, 28, 1])
-        c = tf.constant([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-        out = with_context(x, c).numpy()
-        self.assertEqual(out.shape, (2, 5, 28, 28, 4))
-        self.assertAllEqual(out[..., :1], x.numpy())
-        self.assertAllEqual(out[1, 3, 7, 9, 1:], [4.0, 5.0, 6.0])
-        self.assertAllEqual(out[0, :, :, :, 2], np.full((5, 28, 28), 2.0))
+        learner = build_learner(config, get_model(config))
+        self.assertEqual(learner.net.model.input_shape[1:], (28, 28, 1))
+        self.assertEqual(learner.film_layer, "batchnorm2")
+        self.assertEqual([e.shape for e in learner.extra], [(3, 8), (3, 8)])
+        h = tf.random.uniform([2, 5, 4, 4, 8])
+        c = tf.constant([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]])
+        scale, shift = tf.random.normal([3, 8]), tf.random.normal([3, 8])
+        out = film(h, c, scale, shift).numpy()
+        self.assertAllClose(out[0], h[0])                        # zero context: identity
+        g, b = (c[1:] @ scale).numpy()[0], (c[1:] @ shift).numpy()[0]
+        self.assertAllClose(out[1], h[1].numpy() * (1 + g) + b, rtol=1e-6)
+        # The context moves the network's outputs: its inner gradient is not zero.
+        ep = _episode()
+        grads, _ = learner.support_grads(
+            learner.initial_fast_weights(learner.meta_weights()[:len(learner.net.variables)],
+                                         TASKS, learner.extra),
+            ep.support_x, ep.support_y, False, learner.extra)
+        self.assertGreater(float(tf.reduce_max(tf.abs(grads[-1]))), 0)
+
+    def test_film_meta_gradient_matches_finite_differences(self):
+        config = _config("cavia", context_dim=2, inner_lr=0.1)
+        learner = build_learner(config, get_model(config, dtype="float64"))
+        ep = _episode(0, dtype="float64")
+        n = len(learner.net.variables)
+        _fd_check(self, learner, ep, 2, index=0)          # the first conv kernel
+        _fd_check(self, learner, ep, 2, index=n)          # the FiLM scale matrix
 
 
 def _linear_regression_tasks(seed, d=4, n=6):

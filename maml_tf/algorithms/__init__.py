@@ -66,7 +66,8 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
                             msl_iterations=config.msl_iterations,
                             da_iterations=config.da_iterations, **kwargs)
     if algorithm == "cavia":
-        return CAVIA(model, context_dim=config.context_dim, **kwargs)
+        return CAVIA(model, context_dim=config.context_dim,
+                     film_layer=config.film_layer or None, **kwargs)
     if algorithm == "imaml":
         return IMAML(model, lam=config.imaml_lambda, cg_steps=config.cg_steps, **kwargs)
     if algorithm == "protonet":
