@@ -4,6 +4,7 @@ to a plain per-task loop, for the paper's configurations.
     python benchmarks/meta_step.py                       # every case, second and first order
     python benchmarks/meta_step.py --cases=omniglot_5w1s --orders=second
     python benchmarks/meta_step.py --memory              # peak RSS vs inner steps (+ recompute, chunks)
+    python benchmarks/meta_step.py --memory --memory_variants=plain,imaml   # iMAML's flat memory
     python benchmarks/meta_step.py --task_chunks=4       # meta-gradient in 4 sequential task chunks
     python benchmarks/meta_step.py --algorithms=maml,reptile,protonet   # runs/omniglot_5w1s_*.cfg
     python benchmarks/meta_step.py --models=conv4,keras_conv4 --cases=omniglot_5w1s --orders=second
@@ -141,7 +142,8 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
           recompute: bool, loop: bool, jit: bool = True, task_chunks: int = 1,
           model: str = "conv4", meta_batch: int | None = None) -> dict:
     from maml_tf.config import Config
-    values = dict(CASES[case], algorithm="fomaml" if order == "first" else "maml",
+    algorithm = {"first": "fomaml", "second": "maml", "imaml": "imaml"}[order]
+    values = dict(CASES[case], algorithm=algorithm,
                   inner_recompute=recompute, jit_compile=jit, task_chunks=task_chunks,
                   model=MODELS[model])
     if inner_steps is not None:
@@ -151,7 +153,9 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
     config = Config.from_dict(values)
     run, episode, step, compile_s, steps_per_s = _measure(config, windows, window_steps)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    flops = _counted_flops(run.learner, episode, config.inner_steps, config.first_order)
+    # iMAML's step is not the meta-loss's gradient: its matmuls are not counted.
+    flops = (float("nan") if algorithm == "imaml" else
+             _counted_flops(run.learner, episode, config.inner_steps, config.first_order))
     out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
            "model": model,
            "task_chunks": task_chunks,
@@ -228,10 +232,11 @@ def _print_speed(rows):
 
 
 def _print_memory(rows):
-    print("| inner steps | XLA | recompute | task chunks | peak RSS MB | tasks/s |")
-    print("|---|---|---|---|---|---|")
+    print("| algorithm | inner steps | XLA | recompute | task chunks | peak RSS MB | tasks/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['inner_steps']} | {r['jit']} | {r['recompute']} | {r['task_chunks']} | "
+        name = "iMAML" if r["order"] == "imaml" else "MAML"
+        print(f"| {name} | {r['inner_steps']} | {r['jit']} | {r['recompute']} | {r['task_chunks']} | "
               f"{r['peak_rss_mb']:.0f} | {r['tasks_per_s']:.0f} |")
 
 
@@ -244,7 +249,8 @@ def main():
     p.add_argument("--memory", action="store_true", help="peak RSS at 1/5/10/20 inner steps")
     p.add_argument("--memory_case", default="omniglot_5w1s")
     p.add_argument("--memory_variants", default="plain,recompute,chunks",
-                   help="with --memory: plain, recompute (--inner_recompute), chunks (4 task chunks)")
+                   help="with --memory: plain, recompute (--inner_recompute), chunks (4 task "
+                   "chunks), imaml (iMAML's implicit meta-gradient, 5 CG steps)")
     p.add_argument("--no_loop", action="store_true", help="skip the per-task loop baseline")
     p.add_argument("--algorithms", help="comma-separated algorithms: time the train step of "
                    "each runs/omniglot_5w1s_<algorithm>.cfg (maml: omniglot_5w1s.cfg)")
@@ -281,7 +287,8 @@ def main():
                                meta_batch=a.meta_batch)))
         return
     if a.memory:
-        variants = {"plain": [], "recompute": ["--recompute"], "chunks": ["--task_chunks=4"]}
+        variants = {"plain": [], "recompute": ["--recompute"], "chunks": ["--task_chunks=4"],
+                    "imaml": ["--order=imaml"]}
         rows = [_spawn([f"--case={a.memory_case}", f"--inner_steps={s}", "--no_loop",
                         "--windows=3", "--window_steps=3"] + variants[v] +
                        (["--no_jit"] if a.no_jit else []))
