@@ -12,7 +12,7 @@ The public API, the same objects that ``python -m maml_tf.train`` builds::
 Learners (all ``MetaLearner``s: see its docstring for the shared arguments):
 optimization-based ``MAML``, ``FOMAML``, ``Reptile``, ``MetaSGD``, ``ANIL``, ``BOIL``,
 ``CAVIA``, ``IMAML``, ``MAMLPlusPlus``; metric-based ``ProtoNet``, ``R2D2``, ``MetaOptNet``,
-``MatchingNet``, ``RelationNet``; and the ``Pretrain`` baseline.
+``MatchingNet``, ``RelationNet``; black-box ``CNP``; and the ``Pretrain`` baseline.
 """
 
 import os as _os
@@ -29,7 +29,7 @@ _os.environ.setdefault("MPLCONFIGDIR", _os.path.join(_CACHE, "matplotlib"))
 
 from maml_tf.config import Config, ConfigError  # noqa: E402
 from maml_tf.data.episode import Episode  # noqa: E402
-from maml_tf.algorithms import (ANIL, BOIL, CAVIA, FOMAML, IMAML, MAML,  # noqa: E402
+from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML,  # noqa: E402
                                 MamlPlusPlus, MatchingNet, MetaOptNet, MetaSGD, Pretrain,
                                 ProtoNet, R2D2, RelationNet, Reptile, build_learner)
 from maml_tf.meta_learner import MetaLearner, StepMetrics  # noqa: E402
@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 
 MAMLPlusPlus = MamlPlusPlus
 
-__all__ = ["ANIL", "BOIL", "CAVIA", "Config", "ConfigError", "Episode", "FOMAML",
+__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "Config", "ConfigError", "Episode", "FOMAML",
            "FunctionalModel", "IMAML", "InexactModelError", "MAML", "MAMLPlusPlus",
            "MatchingNet", "MetaLearner", "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2",
            "RelationNet", "Reptile", "StepMetrics", "build_learner", "evaluate_workdir", "train"]

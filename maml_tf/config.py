@@ -13,9 +13,11 @@ from typing import Any
 
 DATASETS = ("sinusoid", "omniglot", "mini_imagenet")
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "boil", "cavia", "imaml", "mamlpp",
-              "protonet", "r2d2", "metaoptnet", "matching", "relation", "pretrain")
+              "protonet", "r2d2", "metaoptnet", "matching", "relation", "cnp", "pretrain")
 # Classify queries from support embeddings with no inner loop (algorithms/_embedding.py).
 METRIC_LEARNERS = ("protonet", "r2d2", "metaoptnet", "matching", "relation")
+# Read the support set and predict the queries directly (algorithms/cnp.py).
+BLACK_BOX_LEARNERS = ("cnp",)
 # Each algorithm's own switches: setting one with another algorithm is an error.
 ALGORITHM_SWITCHES = {"context_dim": "cavia", "film_layer": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
                       "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
@@ -128,6 +130,11 @@ class Config:
         return self.algorithm in METRIC_LEARNERS
 
     @property
+    def has_inner_loop(self) -> bool:
+        """False for the embedding and black-box learners (pre-training has one at test)."""
+        return not self.is_metric_learner and self.algorithm not in BLACK_BOX_LEARNERS
+
+    @property
     def queries(self) -> int:
         """Query examples per class (classification) or points per task (sinusoid)."""
         if self.query:
@@ -136,7 +143,7 @@ class Config:
 
     @property
     def test_inner_steps(self) -> int:
-        if self.is_metric_learner:
+        if not self.has_inner_loop:
             return 0
         return self.eval_inner_steps or self.inner_steps
 
@@ -252,7 +259,7 @@ class Config:
     def warnings(self) -> list[str]:
         """Settings that run but are probably not what was meant."""
         out = []
-        adapts = not self.is_metric_learner and self.algorithm != "pretrain"
+        adapts = self.has_inner_loop and self.algorithm != "pretrain"
         if adapts and self.inner_steps == 0:
             out.append(f"--inner_steps=0 with --algorithm={self.algorithm}: the inner loop never "
                        "adapts in meta-training, so this trains one network for all tasks.")
@@ -306,6 +313,12 @@ class Config:
         if self.is_metric_learner and self.is_regression:
             raise ConfigError(f"--algorithm={self.algorithm} classifies queries from support "
                               "embeddings; it does not apply to --dataset=sinusoid.")
+        if self.algorithm in BLACK_BOX_LEARNERS and not self.is_regression:
+            raise ConfigError(f"--algorithm={self.algorithm} is implemented for regression "
+                              "(--dataset=sinusoid) only.")
+        if self.algorithm in BLACK_BOX_LEARNERS and self.is_custom_model:
+            raise ConfigError(f"--algorithm={self.algorithm} builds its own encoder and decoder; "
+                              "drop --model.")
         defaults = Config.__dataclass_fields__
         for name, owner in ALGORITHM_SWITCHES.items():
             if getattr(self, name) != defaults[name].default and self.algorithm != owner:

@@ -17,19 +17,27 @@ from maml_tf.data.tasks import task_seed  # noqa: E402
 
 def sinusoid_fit_image(learner, config, shot: int, steps=(0, 1, 10)) -> tf.Tensor:
     """uint8 ``[1, H, W, 4]``: a fixed test task's true curve, its K support points and the
-    model's fit after each of ``steps`` inner steps."""
+    model's fit after each of ``steps`` inner steps (a CNP: its mean and uncertainty band)."""
     stream = task_seed(config.eval_seed, "test", f"shot{shot}")
     sx, sy, _, _ = sinusoid.sample_task(stream, tf.constant(0, tf.int64), shot, 1)
     amp, phase = sinusoid.task_params(stream, tf.constant(0, tf.int64))
     grid = np.linspace(-5, 5, 200, dtype=np.float32)[None, :, None]
     weights = learner.meta_weights()
-    traj = learner.inner_loop(weights, sx[None], sy[None], max(steps), first_order=True)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
     ax.plot(grid[0, :, 0], amp * np.sin(grid[0, :, 0] - phase), "k-", label="true")
     ax.plot(sx[:, 0], sy[:, 0], "k^", label=f"{shot} support points")
-    for k in steps:
-        pred = learner.net.apply(traj[k], tf.constant(grid))
-        ax.plot(grid[0, :, 0], pred[0, :, 0], "--", label=f"after {k} steps")
+    if hasattr(learner, "predict_distribution"):
+        # A black-box learner (CNP): its predicted mean and a +-2 sigma band.
+        mu, sigma = (v.numpy()[0, :, 0] for v in learner.predict_distribution(
+            weights, sx[None], sy[None], tf.constant(grid)))
+        ax.plot(grid[0, :, 0], mu, "b--", label="predicted mean")
+        ax.fill_between(grid[0, :, 0], mu - 2 * sigma, mu + 2 * sigma, alpha=0.25,
+                        label="+-2 sigma")
+    else:
+        traj = learner.inner_loop(weights, sx[None], sy[None], max(steps), first_order=True)
+        for k in steps:
+            pred = learner.net.apply(traj[k], tf.constant(grid))
+            ax.plot(grid[0, :, 0], pred[0, :, 0], "--", label=f"after {k} steps")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"sinusoid, {shot}-shot, test task 0")
     return _figure_to_image(fig)

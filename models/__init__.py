@@ -29,6 +29,10 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
         fn = model_fn or load_model_fn(config.model)
         return build_user_model(fn, input_shape(config), num_outputs(config), dtype)
     shape = input_shape(config)
+    if config.algorithm == "cnp":
+        # The CNP's decoder: (x, representation) -> (mean, scale); the learner builds the encoder.
+        from maml_tf.algorithms.cnp import REPRESENTATION
+        return zoo.mlp(shape[0] + REPRESENTATION, [128, 128], 2, dtype=dtype)
     if config.is_regression:
         # cbfinn/maml's truncated normal (stddev 0.01): measured here, it keeps 1..10 inner
         # steps stable at alpha = 0.01, where Glorot's init let some 5-shot tasks diverge.

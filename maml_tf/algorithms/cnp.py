@@ -1,0 +1,96 @@
+"""Conditional Neural Processes (Garnelo et al. 2018): a black-box meta-learner that reads the
+support set and predicts a Gaussian for each query, with no inner optimisation."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import tensorflow as tf
+
+from maml_tf.data.episode import Episode
+from maml_tf.meta_learner import MetaLearner, StepMetrics
+from maml_tf.models import zoo
+from maml_tf.models.functional import FunctionalModel, tile_for_tasks
+
+
+REPRESENTATION = 128
+
+
+class CNP(MetaLearner):
+    """Conditional Neural Process (Garnelo et al. 2018), for regression.
+
+    The encoder maps every support pair ``(x_i, y_i)`` to ``r_i``; their mean ``r`` (invariant
+    to the order of the support points) is the task's representation; the decoder maps
+    ``(x, r)`` to a mean ``mu`` and a standard deviation ``sigma = 0.1 + 0.9 softplus(s)`` for
+    every query ``x`` (the lower bound keeps the likelihood finite). Training minimises the
+    Gaussian negative log-likelihood of the query targets. ``StepMetrics.loss`` is the MSE of
+    ``mu`` (one column), the number that MAML's sinusoid table reports; ``log_likelihood``
+    gives the per-point log-likelihood.
+
+    ``model`` is the decoder, ``[N, x_dim + representation] -> [N, 2 y_dim]``; the encoder, an
+    MLP ``[N, x_dim + y_dim] -> [N, representation]`` with ``encoder_hidden`` ReLU layers, is
+    built here and its weights are the learner's ``extra`` tensors.
+    """
+
+    SECOND_ORDER = False   # no inner loop
+
+    def __init__(self, model, *, representation: int = REPRESENTATION,
+                 encoder_hidden: Sequence[int] = (128, 128), **kwargs):
+        super().__init__(model, **kwargs)
+        self.representation = int(representation)
+        inputs = int(self.net.model.input_shape[-1])
+        outputs = int(self.net.model.output_shape[-1])
+        if inputs <= self.representation or outputs % 2:
+            raise ValueError(
+                f"The CNP decoder must map [x, r] (x_dim + {self.representation} features) to a "
+                f"mean and a scale per target dimension (2 y_dim outputs); this model maps "
+                f"{inputs} to {outputs}.")
+        self.x_dim, self.y_dim = inputs - self.representation, outputs // 2
+        dtype = str(tf.as_dtype(self.net.variables[0].dtype).name)
+        self.encoder = FunctionalModel(
+            zoo.mlp(self.x_dim + self.y_dim, list(encoder_hidden), self.representation,
+                    dtype=dtype), strict=False)
+        self.extra = list(self.encoder.variables)
+
+    @property
+    def reports_inner_steps(self):
+        return False
+
+    def inner_loop(self, weights, x, y, steps, first_order=None):
+        raise NotImplementedError("A CNP has no inner loop: use meta_gradient, evaluate, "
+                                  "meta_loss or predict_distribution.")
+
+    def predict_distribution(self, weights, support_x, support_y, query_x):
+        """(mu, sigma), each ``[T, N_q, y_dim]``, for queries ``[T, N_q, x_dim]`` given the
+        support set ``[T, N_s, x_dim]``, ``[T, N_s, y_dim]``."""
+        net, extra = self.split(weights)
+        t = support_x.shape[0]
+        encoder = tile_for_tasks(extra[:len(self.encoder.variables)], t)
+        pairs = tf.concat([support_x, tf.cast(support_y, support_x.dtype)], axis=-1)
+        r = tf.reduce_mean(self.encoder.apply(encoder, pairs), axis=1)        # [T, R]
+        r = tf.broadcast_to(r[:, None, :], [t, query_x.shape[1], self.representation])
+        out = self.net.apply(tile_for_tasks(net, t), tf.concat([query_x, r], axis=-1))
+        mu, scale = out[..., :self.y_dim], out[..., self.y_dim:]
+        return mu, 0.1 + 0.9 * tf.nn.softplus(scale)
+
+    def log_likelihood(self, weights, episode: Episode) -> tf.Tensor:
+        """Mean Gaussian log-likelihood of each task's query targets, ``[T]``."""
+        mu, sigma = self.predict_distribution(weights, episode.support_x, episode.support_y,
+                                              episode.query_x)
+        return tf.reduce_mean(gaussian_log_prob(episode.query_y, mu, sigma), axis=[1, 2])
+
+    def meta_loss(self, weights, episode, steps, first_order=None, track_steps=True,
+                  iteration=None):
+        mu, sigma = self.predict_distribution(weights, episode.support_x, episode.support_y,
+                                              episode.query_x)
+        nll = -tf.reduce_mean(gaussian_log_prob(episode.query_y, mu, sigma), axis=[1, 2])
+        mse = tf.reduce_mean(tf.square(mu - tf.cast(episode.query_y, mu.dtype)), axis=[1, 2])
+        return tf.reduce_mean(nll), StepMetrics(mse[:, None], None)
+
+
+def gaussian_log_prob(y, mu, sigma):
+    """``log N(y; mu, sigma^2)`` elementwise."""
+    y = tf.cast(y, mu.dtype)
+    return (-0.5 * math.log(2 * math.pi) - tf.math.log(sigma)
+            - 0.5 * tf.square((y - mu) / sigma))
