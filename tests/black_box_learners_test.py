@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from algorithms_test import TASKS, _fd_check, _sinusoid_episode
+from algorithms_test import _fd_check, _sinusoid_episode
 from maml_tf import data as data_lib
 from maml_tf.algorithms import build_learner
 from maml_tf.config import Config, ConfigError
