@@ -12,7 +12,7 @@ The public API, the same objects that ``python -m maml_tf.train`` builds::
 Learners (all ``MetaLearner``s: see its docstring for the shared arguments):
 optimization-based ``MAML``, ``FOMAML``, ``Reptile``, ``MetaSGD``, ``ANIL``, ``BOIL``,
 ``CAVIA``, ``IMAML``, ``MAMLPlusPlus``; metric-based ``ProtoNet``, ``R2D2``, ``MetaOptNet``,
-``MatchingNet``, ``RelationNet``; black-box ``CNP``; and the ``Pretrain`` baseline.
+``MatchingNet``, ``RelationNet``; black-box ``SNAIL``, ``CNP``; and the ``Pretrain`` baseline.
 """
 
 import os as _os
@@ -31,7 +31,8 @@ from maml_tf.config import Config, ConfigError  # noqa: E402
 from maml_tf.data.episode import Episode  # noqa: E402
 from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML,  # noqa: E402
                                 MamlPlusPlus, MatchingNet, MetaOptNet, MetaSGD, Pretrain,
-                                ProtoNet, R2D2, RelationNet, Reptile, build_learner)
+                                ProtoNet, R2D2, RelationNet, Reptile, SNAIL,
+                                build_learner)
 from maml_tf.meta_learner import MetaLearner, StepMetrics  # noqa: E402
 from maml_tf.models.functional import FunctionalModel, InexactModelError  # noqa: E402
 from maml_tf.train_loop import evaluate_workdir  # noqa: E402
@@ -44,4 +45,4 @@ MAMLPlusPlus = MamlPlusPlus
 __all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "Config", "ConfigError", "Episode", "FOMAML",
            "FunctionalModel", "IMAML", "InexactModelError", "MAML", "MAMLPlusPlus",
            "MatchingNet", "MetaLearner", "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2",
-           "RelationNet", "Reptile", "StepMetrics", "build_learner", "evaluate_workdir", "train"]
+           "RelationNet", "Reptile", "SNAIL", "StepMetrics", "build_learner", "evaluate_workdir", "train"]

@@ -13,11 +13,11 @@ from typing import Any
 
 DATASETS = ("sinusoid", "omniglot", "mini_imagenet")
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "boil", "cavia", "imaml", "mamlpp",
-              "protonet", "r2d2", "metaoptnet", "matching", "relation", "cnp", "pretrain")
+              "protonet", "r2d2", "metaoptnet", "matching", "relation", "snail", "cnp", "pretrain")
 # Classify queries from support embeddings with no inner loop (algorithms/_embedding.py).
 METRIC_LEARNERS = ("protonet", "r2d2", "metaoptnet", "matching", "relation")
 # Read the support set and predict the queries directly (algorithms/cnp.py).
-BLACK_BOX_LEARNERS = ("cnp",)
+BLACK_BOX_LEARNERS = ("snail", "cnp")
 # Each algorithm's own switches: setting one with another algorithm is an error.
 ALGORITHM_SWITCHES = {"context_dim": "cavia", "film_layer": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
                       "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
@@ -313,10 +313,17 @@ class Config:
         if self.is_metric_learner and self.is_regression:
             raise ConfigError(f"--algorithm={self.algorithm} classifies queries from support "
                               "embeddings; it does not apply to --dataset=sinusoid.")
-        if self.algorithm in BLACK_BOX_LEARNERS and not self.is_regression:
-            raise ConfigError(f"--algorithm={self.algorithm} is implemented for regression "
+        if self.algorithm == "cnp" and not self.is_regression:
+            raise ConfigError("--algorithm=cnp is implemented for regression "
                               "(--dataset=sinusoid) only.")
-        if self.algorithm in BLACK_BOX_LEARNERS and self.is_custom_model:
+        if self.algorithm == "snail" and self.is_regression:
+            raise ConfigError("--algorithm=snail is a few-shot classifier; it does not apply to "
+                              "--dataset=sinusoid.")
+        if self.algorithm == "snail" and any(s != self.shot for s in self.test_shots):
+            raise ConfigError(f"--algorithm=snail reads sequences of way x shot examples and is "
+                              f"built for --shot={self.shot}: drop --eval_shots or set it to "
+                              f"{self.shot}.")
+        if self.algorithm == "cnp" and self.is_custom_model:
             raise ConfigError(f"--algorithm={self.algorithm} builds its own encoder and decoder; "
                               "drop --model.")
         defaults = Config.__dataclass_fields__

@@ -92,3 +92,57 @@ class CnpTest(tf.test.TestCase):
     def test_is_refused_on_images_with_a_clear_message(self):
         with pytest.raises(ConfigError, match="regression"):
             Config.from_dict({"dataset": "omniglot", "algorithm": "cnp"})
+
+
+def _snail(dtype="float32", **kw):
+    from algorithms_test import _config
+    config = _config("snail", **kw)
+    return build_learner(config, get_model(config, dtype=dtype))
+
+
+class SnailTest(tf.test.TestCase):
+
+    def test_attention_and_convolutions_are_causal(self):
+        # A position's output does not change when any later position changes.
+        learner = _snail("float64")
+        rng = np.random.default_rng(0)
+        length = learner.support_size + 1
+        x = rng.normal(size=(3, length, learner.embedding_dim + learner.way))
+        out = learner.sequence(tf.constant(x), learner.extra).numpy()
+        for i in range(length - 1):
+            changed = x.copy()
+            changed[:, i + 1:] = rng.normal(size=changed[:, i + 1:].shape)
+            again = learner.sequence(tf.constant(changed), learner.extra).numpy()
+            self.assertAllClose(again[:, :i + 1], out[:, :i + 1], rtol=1e-12, atol=1e-12)
+            self.assertGreater(np.abs(again[:, i + 1:] - out[:, i + 1:]).max(), 0)
+
+    def test_a_query_is_labelled_from_the_support_set_and_itself_only(self):
+        # Each query has its own sequence: changing the other queries changes nothing (with
+        # a per-example body: batch norm would mix the queries' statistics, transductively).
+        learner = _snail("float64", norm="layer")
+        ep = _episode_from(learner, 0)
+        logits = learner.logits(learner.meta_weights(), ep).numpy()
+        other = ep._replace(query_x=tf.concat([ep.query_x[:, :1], ep.query_x[:, 1:] + 0.5], 1))
+        again = learner.logits(learner.meta_weights(), other).numpy()
+        self.assertAllClose(again[:, 0], logits[:, 0], rtol=1e-12)
+        # ... but the support labels matter.
+        swapped = ep._replace(support_y=(ep.support_y + 1) % learner.way)
+        moved = learner.logits(learner.meta_weights(), swapped).numpy()
+        self.assertGreater(np.abs(moved - logits).max(), 1e-6)
+
+    def test_meta_gradient_matches_finite_differences(self):
+        learner = _snail("float64")
+        n = len(learner.net.variables)
+        _fd_check(self, learner, _episode_from(learner, 1), 0, index=0)        # the body
+        _fd_check(self, learner, _episode_from(learner, 1), 0, index=n)        # attention
+        _fd_check(self, learner, _episode_from(learner, 1), 0, index=n + 3)    # TC filter
+
+    def test_other_shot_counts_are_refused(self):
+        with pytest.raises(ConfigError, match="built for --shot"):
+            Config.from_dict({"dataset": "omniglot", "algorithm": "snail", "shot": 1,
+                              "eval_shots": (1, 5)})
+
+
+def _episode_from(learner, seed):
+    from algorithms_test import _episode
+    return _episode(seed, dtype=learner.dtype.name)

@@ -231,3 +231,7 @@ class MatchingNetFceContractTest(LearnerContract, tf.test.TestCase):
 
 class RelationNetContractTest(LearnerContract, tf.test.TestCase):
     ALGORITHM = "relation"
+
+
+class SnailContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "snail"

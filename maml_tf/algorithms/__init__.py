@@ -16,6 +16,7 @@ r2d2       ``R2D2`` (Bertinetto et al. 2019): closed-form ridge-regression head
 metaoptnet ``MetaOptNet`` (Lee et al. 2019): multi-class SVM head, implicit differentiation
 matching   ``MatchingNet`` (Vinyals et al. 2016): cosine attention, optional FCE LSTMs
 relation   ``RelationNet`` (Sung et al. 2018): a learned relation module on feature maps
+snail      ``SNAIL`` (Mishra et al. 2018): black box, temporal convolutions + causal attention
 cnp        ``CNP`` (Garnelo et al. 2018): black box, mean-aggregated encoder, Gaussian decoder
 pretrain   ``Pretrain``: one network trained on all training classes, fine-tuned at test
 ==========  ==========================================================================
@@ -40,11 +41,12 @@ from maml_tf.algorithms.protonet import ProtoNet
 from maml_tf.algorithms.r2d2 import R2D2
 from maml_tf.algorithms.relation import RelationNet
 from maml_tf.algorithms.reptile import Reptile
+from maml_tf.algorithms.snail import SNAIL
 from maml_tf.meta_learner import MetaLearner
 
 __all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "FOMAML", "IMAML", "MAML", "MamlPlusPlus", "MatchingNet",
            "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2", "RelationNet", "Reptile",
-           "build_learner", "train_inner_steps"]
+           "SNAIL", "build_learner", "train_inner_steps"]
 
 
 def build_learner(config, model: keras.Model, num_classes: int | None = None) -> MetaLearner:
@@ -74,6 +76,8 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
         return IMAML(model, lam=config.imaml_lambda, cg_steps=config.cg_steps, **kwargs)
     if algorithm == "cnp":
         return CNP(model, **kwargs)
+    if algorithm == "snail":
+        return SNAIL(model, way=config.way, shot=config.shot, **kwargs)
     if algorithm == "protonet":
         return ProtoNet(model, way=config.way, **kwargs)
     if algorithm == "r2d2":
