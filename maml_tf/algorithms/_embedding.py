@@ -1,6 +1,7 @@
 """The shared core of the learners that classify queries from support embeddings with no
-inner loop (ProtoNets, R2-D2, MetaOptNet, Matching and Relation Networks): the network's
-body embeds both sets, and a head built from the support set scores the queries."""
+inner loop (ProtoNets, R2-D2, MetaOptNet, Matching and Relation Networks, and the black-box
+SNAIL): the network's body embeds both sets, and a head that reads the support set scores
+the queries."""
 
 from __future__ import annotations
 
