@@ -65,6 +65,7 @@ def _fresh_keras_state(request):
     # Without free_memory: its gc.collect() cost 2-3 s per test (10 minutes of the suite);
     # each module's end collects instead.
     keras.backend.clear_session(free_memory=False)
+    _malloc_trim()
 
 
 @pytest.fixture(autouse=True, scope="module")
