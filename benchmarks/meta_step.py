@@ -248,6 +248,7 @@ def main():
     p.add_argument("--window_steps", type=int, default=10)
     p.add_argument("--memory", action="store_true", help="peak RSS at 1/5/10/20 inner steps")
     p.add_argument("--memory_case", default="omniglot_5w1s")
+    p.add_argument("--memory_steps", default="1,5,10,20", help="with --memory: inner steps")
     p.add_argument("--memory_variants", default="plain,recompute,chunks",
                    help="with --memory: plain, recompute (--inner_recompute), chunks (4 task "
                    "chunks), imaml (iMAML's implicit meta-gradient, 5 CG steps)")
@@ -289,10 +290,13 @@ def main():
     if a.memory:
         variants = {"plain": [], "recompute": ["--recompute"], "chunks": ["--task_chunks=4"],
                     "imaml": ["--order=imaml"]}
-        rows = [_spawn([f"--case={a.memory_case}", f"--inner_steps={s}", "--no_loop",
-                        "--windows=3", "--window_steps=3"] + variants[v] +
-                       (["--no_jit"] if a.no_jit else []))
-                for s in (1, 5, 10, 20) for v in a.memory_variants.split(",")]
+        rows = []
+        for s in [int(v) for v in a.memory_steps.split(",")]:
+            for v in a.memory_variants.split(","):
+                rows.append(_spawn([f"--case={a.memory_case}", f"--inner_steps={s}", "--no_loop",
+                                    "--windows=3", "--window_steps=3"] + variants[v] +
+                                   (["--no_jit"] if a.no_jit else [])))
+                print(json.dumps(rows[-1]), flush=True)     # each row as soon as it is measured
         _print_memory(rows)
         return
     rows = []
