@@ -16,8 +16,9 @@ class IMAML(MetaLearner):
     and ``H`` the Hessian of ``L_support`` at ``phi*``, the implicit Jacobian gives
     ``d L_query / d theta = (I + H / lam)^-1 g``, solved by ``cg_steps`` iterations of
     conjugate gradient on Hessian-vector products (double backpropagation through one support
-    pass), per task, all tasks at once. Memory does not grow with the inner steps: nothing
-    of the inner loop is kept for the backward pass.
+    pass), per task, all tasks at once. Nothing of the inner loop is kept for a backward
+    pass; memory grows with the inner steps only by each step's fast weights, kept for the
+    per-step query metrics (measured in ``benchmarks/README.md``).
 
     The implicit gradient is exact when the inner problem is solved exactly (``phi*`` its
     minimiser) and CG has converged; both are measured in ``tests/imaml_test.py``.
