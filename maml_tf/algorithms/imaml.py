@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from maml_tf.meta_learner import MetaLearner
+from maml_tf.meta_learner import MetaLearner, _stack
 
 
 class IMAML(MetaLearner):
@@ -60,8 +60,8 @@ class IMAML(MetaLearner):
         net_weights, extra = self.split(weights)
         with tf.GradientTape() as tape:
             tape.watch(phi)
-            query_loss, _ = self.query_metrics(phi, episode.query_x, episode.query_y, extra,
-                                               steps)
+            query_loss, query_metric = self.query_metrics(phi, episode.query_x,
+                                                          episode.query_y, extra, steps)
             total = tf.reduce_sum(query_loss)
         g = tape.gradient(total, phi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         v = self.implicit_solve(phi, episode.support_x, episode.support_y, g, extra)
@@ -69,8 +69,10 @@ class IMAML(MetaLearner):
         # The meta-loss is the mean over tasks: each task's implicit gradient, averaged.
         grads = [tf.cast(tf.reduce_sum(vi, 0) / num_tasks, w.dtype)
                  for vi, w in zip(v, net_weights)]
-        per_step = self.score(trajectory, episode, extra)
-        loss = tf.reduce_mean(per_step.loss[:, -1])
+        # The last step's query pass is the one above: only the earlier steps are scored here.
+        losses, metrics = self._score(trajectory[:-1], episode, extra, True)
+        per_step = _stack(losses + [query_loss], metrics + [query_metric])
+        loss = tf.reduce_mean(query_loss)
         return loss, grads + [tf.zeros_like(e) for e in extra], per_step
 
     def hvp(self, phi, x, y, vectors, extra=()):
