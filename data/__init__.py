@@ -71,7 +71,8 @@ def _task_fn(config, split: str, shot: int, stream: int):
     check_split(config, split, shot)
     array = split_images(config, split)
     images = tf.constant(array)
-    return lambda i: few_shot.sample_task(images, stream, i, config.way, shot, config.queries)
+    return lambda i: few_shot.sample_task(images, stream, i, config.way, shot, config.queries,
+                                          shuffle_support=config.shuffled_support)
 
 
 def _to_episodes(indices: tf.data.Dataset, task_fn, batch: int) -> tf.data.Dataset:

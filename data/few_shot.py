@@ -13,12 +13,14 @@ from maml_tf.data.tasks import seeds_for
 
 
 def sample_task(images: tf.Tensor, stream: int, index: tf.Tensor, way: int, shot: int,
-                query: int):
+                query: int, shuffle_support: bool = False):
     """One task: support ``[way*shot, H, W, ch]`` float32 in [0, 1] with int32 labels
     ``[way*shot]`` (class-major), the query likewise with ``way*query`` examples, and the
     split-level class index of each label ``[way]`` (int32).
 
     The class order (hence the label of each class) is a fresh random permutation.
+    shuffle_support: put the support set in a random order of its own (a sequence for
+      MANN) instead of class-major; the classes, drawings and query are unchanged.
     """
     num_classes, drawings = images.shape[0], images.shape[1]
     seeds = seeds_for(stream, index, 2)
@@ -32,5 +34,11 @@ def sample_task(images: tf.Tensor, stream: int, index: tf.Tensor, way: int, shot
     def flat(t, n):
         return tf.reshape(t, [way * n] + list(t.shape[2:]))
 
-    return (flat(x[:, :shot], shot), flat(labels[:, :shot], shot),
-            flat(x[:, shot:], query), flat(labels[:, shot:], query), tf.cast(classes, tf.int32))
+    support_x, support_y = flat(x[:, :shot], shot), flat(labels[:, :shot], shot)
+    if shuffle_support:
+        # Folded from the drawings' seed, so the other draws of the task stay as they were.
+        seed = tf.random.experimental.stateless_fold_in(seeds[1], 1)
+        order = tf.argsort(tf.random.stateless_uniform([way * shot], seed))
+        support_x, support_y = tf.gather(support_x, order), tf.gather(support_y, order)
+    return (support_x, support_y, flat(x[:, shot:], query), flat(labels[:, shot:], query),
+            tf.cast(classes, tf.int32))

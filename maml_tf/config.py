@@ -13,11 +13,12 @@ from typing import Any
 
 DATASETS = ("sinusoid", "omniglot", "mini_imagenet")
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "boil", "cavia", "imaml", "mamlpp",
-              "protonet", "r2d2", "metaoptnet", "matching", "relation", "snail", "cnp", "pretrain")
+              "protonet", "r2d2", "metaoptnet", "matching", "relation", "mann", "snail", "cnp",
+              "pretrain")
 # Classify queries from support embeddings with no inner loop (algorithms/_embedding.py).
 METRIC_LEARNERS = ("protonet", "r2d2", "metaoptnet", "matching", "relation")
 # Read the support set and predict the queries directly (algorithms/cnp.py).
-BLACK_BOX_LEARNERS = ("snail", "cnp")
+BLACK_BOX_LEARNERS = ("mann", "snail", "cnp")
 # Each algorithm's own switches: setting one with another algorithm is an error.
 ALGORITHM_SWITCHES = {"context_dim": "cavia", "film_layer": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
                       "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
@@ -133,6 +134,12 @@ class Config:
     def has_inner_loop(self) -> bool:
         """False for the embedding and black-box learners (pre-training has one at test)."""
         return not self.is_metric_learner and self.algorithm not in BLACK_BOX_LEARNERS
+
+    @property
+    def shuffled_support(self) -> bool:
+        """Whether each task's support set comes in a random order instead of class by class:
+        MANN reads it as a sequence in which the classes must interleave."""
+        return self.algorithm == "mann"
 
     @property
     def queries(self) -> int:
@@ -316,9 +323,9 @@ class Config:
         if self.algorithm == "cnp" and not self.is_regression:
             raise ConfigError("--algorithm=cnp is implemented for regression "
                               "(--dataset=sinusoid) only.")
-        if self.algorithm == "snail" and self.is_regression:
-            raise ConfigError("--algorithm=snail is a few-shot classifier; it does not apply to "
-                              "--dataset=sinusoid.")
+        if self.algorithm in ("mann", "snail") and self.is_regression:
+            raise ConfigError(f"--algorithm={self.algorithm} is a few-shot classifier; it does "
+                              "not apply to --dataset=sinusoid.")
         if self.algorithm == "snail" and any(s != self.shot for s in self.test_shots):
             raise ConfigError(f"--algorithm=snail reads sequences of way x shot examples and is "
                               f"built for --shot={self.shot}: drop --eval_shots or set it to "

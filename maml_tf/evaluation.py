@@ -21,10 +21,9 @@ def make_eval_step(learner: MetaLearner, steps: int, strategy: tf.distribute.Str
 
     @tf.function(jit_compile=jit_compile)
     def adapt_and_score(weights, episode):
-        # No outer tape here, so first_order=True only saves work; values are identical.
         # Traced in inference mode: dropout off (batch norm keeps per-task statistics).
         with inference():
-            _, m = learner.meta_loss(weights, episode, steps, first_order=True)
+            m = learner.eval_metrics(weights, episode, steps)
         return m.loss, (m.accuracy if m.accuracy is not None else tf.zeros_like(m.loss))
 
     def replica_fn(episode):

@@ -86,6 +86,11 @@ class MetaLearner(tf.Module):
         second derivatives refuses it (``InexactModelError``).
     """
 
+    # What the columns of evaluation's metrics count (``eval_metrics``): "inner_steps" (after
+    # 0..S inner steps), "shots_seen" (after 0..K support examples per class were read: the
+    # black-box learners) or None (one column: the embedding learners).
+    metric_axis = "inner_steps"
+
     # Whether meta-training differentiates through inner gradients (False: first-order
     # algorithms, ProtoNets, pre-training), which decides if inexact layers are refused.
     SECOND_ORDER = True
@@ -150,13 +155,19 @@ class MetaLearner(tf.Module):
         return loss, grads[:len(self.meta_variables)]
 
     def evaluate(self, episode: Episode, steps: int | None = None) -> StepMetrics:
-        """Query metrics of each task after 0..steps inner steps (default ``inner_steps``),
-        in evaluation mode (dropout off), without the second-order path."""
+        """Query metrics of each task along ``metric_axis`` (after 0..steps inner steps,
+        default ``inner_steps``), in evaluation mode (dropout off), without the second-order
+        path."""
         with inference():
-            _, per_step = self.meta_loss(self.meta_weights(), episode,
-                                         self.inner_steps if steps is None else steps,
-                                         first_order=True)
-        return per_step
+            return self.eval_metrics(self.meta_weights(), episode,
+                                     self.inner_steps if steps is None else steps)
+
+    def eval_metrics(self, weights: Sequence[tf.Tensor], episode: Episode,
+                     steps: int) -> StepMetrics:
+        """Query metrics along ``metric_axis`` at ``weights`` (no second-order path): after
+        0..steps inner steps here; black-box learners report them by shots seen."""
+        # No outer tape here, so first_order=True only saves work; values are identical.
+        return self.meta_loss(weights, episode, steps, first_order=True)[1]
 
     # -- meta-parameters ----------------------------------------------------------------
     @property

@@ -64,14 +64,17 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def write_eval(prefix: str, result: dict, step: int) -> None:
-    """Per-step evaluation metrics and their CIs as scalars under ``prefix``."""
+def write_eval(prefix: str, result: dict, step: int, axis: str | None = "inner_steps") -> None:
+    """Evaluation metrics and their CIs as scalars under ``prefix``, one per column:
+    ``.../step_k`` after k inner steps, ``.../shots_k`` after k shots seen (the learner's
+    ``metric_axis``)."""
+    column = "shots" if axis == "shots_seen" else "step"
     for metric in ("loss", "accuracy"):
         if metric not in result:
             continue
         for k, (mean, ci) in enumerate(zip(result[metric]["mean"], result[metric]["ci95"])):
-            tf.summary.scalar(f"{prefix}/{metric}/step_{k}", mean, step=step)
-            tf.summary.scalar(f"{prefix}/{metric}_ci95/step_{k}", ci, step=step)
+            tf.summary.scalar(f"{prefix}/{metric}/{column}_{k}", mean, step=step)
+            tf.summary.scalar(f"{prefix}/{metric}_ci95/{column}_{k}", ci, step=step)
 
 
 
@@ -88,8 +91,8 @@ def write_layout(regression: bool) -> None:
     metrics = ["loss"] if regression else ["loss", "accuracy"]
     charts = [chart(f"train: query {m} after each inner step", rf"^query_{m}/step_\d+$")
               for m in metrics]
-    charts += [chart(f"validation: {m} after each inner step", rf"^val_.*/{m}/step_\d+$")
-               for m in metrics]
+    charts += [chart(f"validation: {m} after each inner step (or shots seen)",
+                     rf"^val_.*/{m}/(step|shots)_\d+$") for m in metrics]
     layout = layout_pb2.Layout(category=[layout_pb2.Category(title="per inner step",
                                                               chart=charts)])
     tf.summary.experimental.write_raw_pb(

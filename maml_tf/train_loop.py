@@ -208,6 +208,19 @@ def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
     return float(tf.convert_to_tensor(lr(optimizer.iterations) if callable(lr) else lr))
 
 
+# What position i of each list of results.json means, by the learner's metric_axis.
+INDEX_LEGEND = {
+    "inner_steps": "position i of every list is the value after i inner steps on the task's "
+                   "support set (0 = before adaptation, up to protocol.inner_steps)",
+    "shots_seen": "position i of every list is the value after the learner has read i support "
+                  "examples of each class (i support points for regression), 0..shots; the last "
+                  "position is the full support set. MANN: position i < shots is the accuracy "
+                  "on the support sequence's (i+1)-th instance of each class, predicted before "
+                  "its label was shown; the last position is the queries",
+    None: "one position: this algorithm has no inner loop",
+}
+
+
 def make_train_step(run: Run):
     """The meta-step: per-replica meta-gradients (XLA), all-reduced, checked, applied.
 
@@ -334,12 +347,14 @@ def _check_finite(out: dict, step: int, last_log: int, config: Config) -> None:
 def _validate(run: Run, eval_step, step: int, history: list) -> None:
     result = evaluate_split(run, "val", run.config.val_tasks, eval_step)
     for shot_key, r in result.items():
-        metrics_lib.write_eval(f"val_{shot_key}", r, step)
+        metrics_lib.write_eval(f"val_{shot_key}", r, step, run.learner.metric_axis)
     first = result[f"{run.config.test_shots[0]}shot"]
     key = "loss" if run.config.is_regression else "accuracy"
     history.append({"step": step, key: first[key]["mean"][-1], f"{key}_ci95": first[key]["ci95"][-1]})
-    logging.info("validation at %d: %s after %d steps = %.4f +- %.4f", step, key,
-                 run.config.test_inner_steps, history[-1][key], history[-1][f"{key}_ci95"])
+    after = {"inner_steps": f"after {run.config.test_inner_steps} steps",
+             "shots_seen": "after the whole support set"}.get(run.learner.metric_axis, "")
+    logging.info("validation at %d: %s %s = %.4f +- %.4f", step, key, after,
+                 history[-1][key], history[-1][f"{key}_ci95"])
     if run.config.is_regression:
         tf.summary.image("sinusoid_fit", plots.sinusoid_fit_image(
             run.learner, run.config, run.config.test_shots[0]), step=step)
@@ -483,7 +498,7 @@ def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int =
         events = os.path.join(r.workdir, "eval", "" if name == "results" else name)
         with tf.summary.create_file_writer(events).as_default():
             for shot_key, res in test.items():
-                metrics_lib.write_eval(f"test_{shot_key}", res, step)
+                metrics_lib.write_eval(f"test_{shot_key}", res, step, r.learner.metric_axis)
     metric = "mean squared error per query point" if config.is_regression else \
         "softmax cross-entropy per query example"
     results = {
@@ -500,10 +515,7 @@ def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int =
             "replicas": r.strategy.num_replicas_in_sync,
         },
         "legend": {
-            "index": "position i of every list is the value after i inner steps on the task's "
-                     "support set (0 = before adaptation, up to protocol.inner_steps)"
-                     if r.learner.reports_inner_steps else
-                     "one position: this algorithm has no inner loop",
+            "index": INDEX_LEGEND[r.learner.metric_axis],
             "loss": metric,
             "accuracy": "fraction of query examples classified correctly",
             "mean": "mean over num_tasks fixed test tasks",
@@ -522,6 +534,8 @@ def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int =
     checkpointing.atomic_write_json(path, results)
     for shot_key, res in test.items():
         key = "loss" if config.is_regression else "accuracy"
-        logging.info("test %s %s after 0..%d steps: %s", shot_key, key, config.test_inner_steps,
+        axis = {"inner_steps": f"after 0..{config.test_inner_steps} steps",
+                "shots_seen": "after 0..K shots seen"}.get(r.learner.metric_axis, "")
+        logging.info("test %s %s %s: %s", shot_key, key, axis,
                      " ".join(f"{m:.4f}+-{c:.4f}" for m, c in zip(res[key]["mean"], res[key]["ci95"])))
     return results

@@ -1,6 +1,8 @@
-"""The Conditional Neural Process: its own checks, and the learner contract's promises on
-sinusoid tasks (the contract's classification tests do not apply to a regression-only
-learner): the loss falls, save/restore round-trips, one column of metrics."""
+"""The black-box learners' own checks: the Conditional Neural Process (and the learner
+contract's promises on sinusoid tasks, where the contract's classification tests do not
+apply: the loss falls, save/restore round-trips), SNAIL and MANN (causality, the LRU memory,
+metrics by shots seen, exact gradients). Their classification contract is in
+learner_contract_test.py."""
 
 import math
 
@@ -89,6 +91,20 @@ class CnpTest(tf.test.TestCase):
         for a, b in zip(learner.meta_weights(), other.meta_weights()):
             self.assertAllEqual(a, b)
 
+    def test_evaluation_reports_the_mse_by_context_points_seen(self):
+        _, learner = _cnp("float64")
+        ep = _sinusoid_episode(3)
+        m = learner.evaluate(ep)
+        k_max = ep.support_x.shape[1]
+        self.assertEqual(m.loss.shape, (ep.support_x.shape[0], k_max + 1))
+        for k in range(1, k_max + 1):
+            first = ep._replace(support_x=ep.support_x[:, :k], support_y=ep.support_y[:, :k])
+            _, metrics = learner.meta_loss(learner.meta_weights(), first, 0)
+            self.assertAllClose(m.loss[:, k], metrics.loss[:, 0], rtol=1e-12)
+        # With no context the prediction ignores the support set.
+        other = ep._replace(support_y=ep.support_y + 3.0)
+        self.assertAllClose(learner.evaluate(other).loss[:, 0], m.loss[:, 0], rtol=1e-12)
+
     def test_is_refused_on_images_with_a_clear_message(self):
         with pytest.raises(ConfigError, match="regression"):
             Config.from_dict({"dataset": "omniglot", "algorithm": "cnp"})
@@ -137,6 +153,24 @@ class SnailTest(tf.test.TestCase):
         _fd_check(self, learner, _episode_from(learner, 1), 0, index=n)        # attention
         _fd_check(self, learner, _episode_from(learner, 1), 0, index=n + 3)    # TC filter
 
+    def test_evaluation_by_shots_seen_reads_only_the_first_shots_of_each_class(self):
+        learner = _snail("float64", norm="layer")
+        ep = _episode_from(learner, 2)
+        m = learner.evaluate(ep)
+        self.assertEqual(m.accuracy.shape, (ep.support_x.shape[0], 3))
+        # _episode's support is [0..way-1] twice: the first shot of every class comes first.
+        # Changing the second shots changes the last column only; the labels, every column
+        # but the one with no support.
+        way = learner.way
+        x = ep.support_x.numpy().copy()
+        x[:, way:] = np.random.default_rng(0).uniform(size=x[:, way:].shape)
+        again = learner.evaluate(ep._replace(support_x=tf.constant(x)))
+        self.assertAllClose(again.loss[:, :2], m.loss[:, :2], rtol=1e-12)
+        self.assertGreater(np.abs(again.loss[:, 2] - m.loss[:, 2]).max(), 1e-9)
+        swapped = learner.evaluate(ep._replace(support_y=(ep.support_y + 1) % way))
+        self.assertAllClose(swapped.loss[:, 0], m.loss[:, 0], rtol=1e-12)
+        self.assertGreater(np.abs(swapped.loss[:, 1:] - m.loss[:, 1:]).max(), 1e-9)
+
     def test_other_shot_counts_are_refused(self):
         with pytest.raises(ConfigError, match="built for --shot"):
             Config.from_dict({"dataset": "omniglot", "algorithm": "snail", "shot": 1,
@@ -146,3 +180,129 @@ class SnailTest(tf.test.TestCase):
 def _episode_from(learner, seed):
     from algorithms_test import _episode
     return _episode(seed, dtype=learner.dtype.name)
+
+
+def _mann(dtype="float64", norm="batch", **learner_kw):
+    from algorithms_test import _config
+    from maml_tf.algorithms import MANN
+    config = _config("mann", norm=norm)
+    return MANN(get_model(config, dtype=dtype), way=config.way, **learner_kw)
+
+
+class MannTest(tf.test.TestCase):
+
+    def test_memory_writes_follow_the_least_recently_used_rule(self):
+        # One head, three slots, orthogonal keys, writes gated fully to the least-used slot
+        # (alpha -> -inf): the first three writes fill slots 0, 1, 2 (ties go to the lowest
+        # index); the fourth clears and overwrites slot 0, the least used by then (its usage
+        # has decayed longest), and leaves the others as they were.
+        learner = _mann(read_heads=1, slots=3, width=3, gamma=0.5)
+        keys = np.eye(3)[[0, 1, 2, 0]] * [[1.0], [2.0], [3.0], [-4.0]]
+        memory, usage, read_w = tf.zeros([1, 3, 3], tf.float64), tf.zeros([1, 3], tf.float64), \
+            tf.zeros([1, 1, 3], tf.float64)
+        alpha = tf.constant([[-1e3]], tf.float64)
+        written, usages = [], []
+        for k in keys:
+            before = usage.numpy()[0]
+            memory, usage, read_w, reads, write_w = learner.memory_step(
+                memory, usage, read_w, tf.constant(k[None, None]), alpha)
+            slot = int(np.argmax(write_w.numpy()[0, 0]))
+            self.assertAllEqual(write_w.numpy()[0, 0], np.eye(3)[slot])
+            written.append(slot)
+            usages.append(before)
+        self.assertEqual(written, [0, 1, 2, 0])
+        self.assertEqual(int(np.argmin(usages[3])), 0)
+        # Slot 0 holds the new key alone (cleared first, not added to the old one).
+        self.assertAllClose(memory.numpy()[0], np.stack([keys[3], keys[1], keys[2]]), rtol=1e-12)
+        # The read finds the key just written: cosine 1 against 0 for the orthogonal slots.
+        expected = np.exp([1.0, 0.0, 0.0]) / np.exp([1.0, 0.0, 0.0]).sum()
+        self.assertAllClose(read_w.numpy()[0, 0], expected, rtol=1e-12)
+        self.assertAllClose(reads.numpy()[0, 0], expected @ memory.numpy()[0], rtol=1e-12)
+        # Usage = gamma * usage + read + write weights.
+        self.assertAllClose(usage.numpy()[0], 0.5 * usages[3] + expected + np.eye(3)[0],
+                            rtol=1e-12)
+
+    def test_a_gate_open_to_the_last_read_writes_where_it_read(self):
+        learner = _mann(read_heads=1, slots=3, width=3)
+        memory = tf.constant([[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0]]], tf.float64)
+        usage = tf.constant([[2.0, 1.0, 0.5]], tf.float64)
+        read_w = tf.constant([[[0.7, 0.2, 0.1]]], tf.float64)
+        key = tf.constant([[[0.0, 0.0, 5.0]]], tf.float64)
+        new, _, _, _, write_w = learner.memory_step(memory, usage, read_w, key,
+                                                    tf.constant([[1e3]], tf.float64))
+        self.assertAllClose(write_w.numpy()[0, 0], [0.7, 0.2, 0.1], rtol=1e-12)
+        # Slot 2, the least used, is cleared (it was empty), then every slot gets w * key.
+        self.assertAllClose(new.numpy()[0], memory.numpy()[0] + np.outer([0.7, 0.2, 0.1],
+                                                                         [0, 0, 5.0]))
+
+    def test_every_label_is_predicted_before_it_is_shown(self):
+        # The support prediction at position t reads examples 0..t and labels 0..t-1 only;
+        # the queries read the whole support set, each query on its own.
+        learner = _mann(norm="layer")
+        ep = _episode_from(learner, 0)
+        w = learner.meta_weights()
+        support, query = (v.numpy() for v in learner.predictions(w, ep))
+        n = ep.support_y.shape[1]
+        rng = np.random.default_rng(0)
+        for t in range(n):
+            labels = ep.support_y.numpy().copy()
+            labels[:, t:] = rng.integers(0, learner.way, size=labels[:, t:].shape)
+            images = ep.support_x.numpy().copy()
+            images[:, t + 1:] = rng.uniform(size=images[:, t + 1:].shape)
+            changed = ep._replace(support_x=tf.constant(images), support_y=tf.constant(labels))
+            again, _ = learner.predictions(w, changed)
+            self.assertAllClose(again.numpy()[:, :t + 1], support[:, :t + 1], rtol=1e-12)
+        other = ep._replace(query_x=tf.concat([ep.query_x[:, :1], ep.query_x[:, 1:] + 0.5], 1))
+        self.assertAllClose(learner.predictions(w, other)[1].numpy()[:, 0], query[:, 0],
+                            rtol=1e-12)
+        swapped = ep._replace(support_y=(ep.support_y + 1) % learner.way)
+        self.assertGreater(np.abs(learner.predictions(w, swapped)[1].numpy() - query).max(), 1e-6)
+
+    def test_evaluation_reports_accuracy_by_instance_number(self):
+        learner = _mann()
+        ep = _episode_from(learner, 2)
+        support, query = learner.predictions(learner.meta_weights(), ep)
+        right = (np.argmax(support.numpy(), -1) == ep.support_y.numpy())
+        # _episode's support is [0..way-1] twice: positions < way are each class's first
+        # instance, the rest its second; the last column is the queries.
+        m = learner.evaluate(ep)
+        way = learner.way
+        self.assertAllClose(m.accuracy[:, 0], right[:, :way].mean(1))
+        self.assertAllClose(m.accuracy[:, 1], right[:, way:].mean(1))
+        q_right = np.argmax(query.numpy(), -1) == ep.query_y.numpy()
+        self.assertAllClose(m.accuracy[:, 2], q_right.mean(1))
+        self.assertAllEqual(_instances([[2, 0, 2, 2, 0, 1]]), [[0, 0, 1, 2, 1, 0]])
+
+    def test_meta_gradient_matches_finite_differences(self):
+        learner = _mann()
+        n = len(learner.net.variables)
+        ep = _episode_from(learner, 1)
+        _fd_check(self, learner, ep, 0, index=0)          # the body
+        _fd_check(self, learner, ep, 0, index=n)          # the LSTM
+        _fd_check(self, learner, ep, 0, index=n + 2)      # the keys, through the memory
+        _fd_check(self, learner, ep, 0, index=n + 5)      # the write gate (its bias)
+
+    def test_the_support_sequence_is_shuffled_for_mann_only(self):
+        from maml_tf.data import few_shot
+        images = tf.constant(np.arange(6 * 4 * 2 * 2, dtype=np.uint8).reshape(6, 4, 2, 2, 1))
+        plain = few_shot.sample_task(images, 3, tf.constant(5, tf.int64), 3, 3, 1)
+        mixed = few_shot.sample_task(images, 3, tf.constant(5, tf.int64), 3, 3, 1,
+                                     shuffle_support=True)
+        self.assertAllEqual(plain[1], np.repeat(np.arange(3), 3))
+        self.assertNotAllEqual(mixed[1], plain[1])
+        # The same (example, label) pairs, queries and classes: only the order differs.
+        pairs = lambda x, y: sorted(map(tuple, np.concatenate(
+            [x.numpy().reshape(9, -1), y.numpy()[:, None]], 1).tolist()))
+        self.assertEqual(pairs(*mixed[:2]), pairs(*plain[:2]))
+        for a, b in zip(plain[2:], mixed[2:]):
+            self.assertAllEqual(a, b)
+        self.assertTrue(Config.from_dict({"dataset": "omniglot", "algorithm": "mann"}
+                                         ).shuffled_support)
+        self.assertFalse(Config.from_dict({"dataset": "omniglot"}).shuffled_support)
+        with pytest.raises(ConfigError, match="few-shot classifier"):
+            Config.from_dict({"dataset": "sinusoid", "algorithm": "mann"})
+
+
+def _instances(labels):
+    from maml_tf.algorithms._embedding import instances_seen
+    return instances_seen(tf.constant(labels, tf.int32), 3).numpy()

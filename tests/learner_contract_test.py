@@ -127,6 +127,20 @@ class LearnerContract:
         self.assertEqual(per_step.accuracy.shape, (TASKS, self._columns(3)))
         self.assertTrue(np.all(np.isfinite(per_step.loss.numpy())))
 
+    def test_evaluation_reports_metrics_along_its_axis(self):
+        # After 0..S inner steps, after 0..K shots seen (black-box learners), or one column;
+        # for a black-box learner the last column is the prediction from the whole support.
+        ep = _separable_episode(3)
+        per_step = self.learner.evaluate(ep, steps=2)
+        columns = {"inner_steps": 3, "shots_seen": SHOT + 1, None: 1}[self.learner.metric_axis]
+        self.assertEqual(per_step.loss.shape, (TASKS, columns))
+        self.assertEqual(per_step.accuracy.shape, (TASKS, columns))
+        self.assertTrue(np.all(np.isfinite(per_step.loss.numpy())))
+        if self.learner.metric_axis == "shots_seen":
+            _, full = self.learner.meta_loss(self.learner.meta_weights(), ep, 2)
+            self.assertAllClose(per_step.accuracy[:, -1], full.accuracy[:, -1])
+            self.assertAllClose(per_step.loss[:, -1], full.loss[:, -1], rtol=1e-5)
+
     def test_save_restore_round_trip(self):
         self._train(_separable_episode(4), 2)
         path = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
@@ -235,3 +249,7 @@ class RelationNetContractTest(LearnerContract, tf.test.TestCase):
 
 class SnailContractTest(LearnerContract, tf.test.TestCase):
     ALGORITHM = "snail"
+
+
+class MannContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "mann"

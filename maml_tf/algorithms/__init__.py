@@ -16,6 +16,7 @@ r2d2       ``R2D2`` (Bertinetto et al. 2019): closed-form ridge-regression head
 metaoptnet ``MetaOptNet`` (Lee et al. 2019): multi-class SVM head, implicit differentiation
 matching   ``MatchingNet`` (Vinyals et al. 2016): cosine attention, optional FCE LSTMs
 relation   ``RelationNet`` (Sung et al. 2018): a learned relation module on feature maps
+mann       ``MANN`` (Santoro et al. 2016): black box, LSTM controller + LRU-access memory
 snail      ``SNAIL`` (Mishra et al. 2018): black box, temporal convolutions + causal attention
 cnp        ``CNP`` (Garnelo et al. 2018): black box, mean-aggregated encoder, Gaussian decoder
 pretrain   ``Pretrain``: one network trained on all training classes, fine-tuned at test
@@ -32,6 +33,7 @@ from maml_tf.algorithms.cavia import CAVIA
 from maml_tf.algorithms.cnp import CNP
 from maml_tf.algorithms.imaml import IMAML
 from maml_tf.algorithms.maml import FOMAML, MAML
+from maml_tf.algorithms.mann import MANN
 from maml_tf.algorithms.mamlpp import MamlPlusPlus
 from maml_tf.algorithms.matching import MatchingNet
 from maml_tf.algorithms.metaoptnet import MetaOptNet
@@ -44,7 +46,7 @@ from maml_tf.algorithms.reptile import Reptile
 from maml_tf.algorithms.snail import SNAIL
 from maml_tf.meta_learner import MetaLearner
 
-__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "FOMAML", "IMAML", "MAML", "MamlPlusPlus", "MatchingNet",
+__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "FOMAML", "IMAML", "MAML", "MANN", "MamlPlusPlus", "MatchingNet",
            "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2", "RelationNet", "Reptile",
            "SNAIL", "build_learner", "train_inner_steps"]
 
@@ -76,6 +78,8 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
         return IMAML(model, lam=config.imaml_lambda, cg_steps=config.cg_steps, **kwargs)
     if algorithm == "cnp":
         return CNP(model, **kwargs)
+    if algorithm == "mann":
+        return MANN(model, way=config.way, **kwargs)
     if algorithm == "snail":
         return SNAIL(model, way=config.way, shot=config.shot, **kwargs)
     if algorithm == "protonet":
@@ -104,7 +108,7 @@ def train_inner_steps(config) -> int:
     """Inner steps during meta-training: none for the pre-training baseline (it trains one
     network on all tasks jointly and is fine-tuned only at evaluation) or the embedding
     learners (ProtoNets, R2-D2, MetaOptNet, Matching and Relation Networks) or the black-box
-    ones (CNP)."""
+    ones (MANN, SNAIL, CNP)."""
     if config.algorithm == "pretrain" or not config.has_inner_loop:
         return 0
     return config.inner_steps

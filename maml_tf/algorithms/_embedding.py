@@ -24,6 +24,7 @@ class EmbeddingLearner(MetaLearner):
     """
 
     SECOND_ORDER = False   # no inner loop: first derivatives only
+    metric_axis = None
 
     def __init__(self, model, *, way: int | None = None, **kwargs):
         super().__init__(model, **kwargs)
@@ -77,3 +78,10 @@ def class_sums(z: tf.Tensor, labels: tf.Tensor, way: int) -> tuple[tf.Tensor, tf
     flat = tf.reshape(z, [z.shape[0], z.shape[1], -1])
     sums = tf.matmul(onehot, flat, transpose_a=True)                # [T, way, D]
     return tf.reshape(sums, [z.shape[0], way] + z.shape[2:].as_list()), tf.reduce_sum(onehot, 1)
+
+
+def instances_seen(labels: tf.Tensor, way: int) -> tf.Tensor:
+    """For labels ``[T, N]``, how many earlier positions of each row have the same label."""
+    onehot = tf.one_hot(labels, way, dtype=tf.int32)
+    before = tf.cumsum(onehot, axis=1, exclusive=True)
+    return tf.reduce_sum(before * onehot, -1)

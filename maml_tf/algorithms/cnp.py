@@ -25,8 +25,9 @@ class CNP(MetaLearner):
     ``(x, r)`` to a mean ``mu`` and a standard deviation ``sigma = 0.1 + 0.9 softplus(s)`` for
     every query ``x`` (the lower bound keeps the likelihood finite). Training minimises the
     Gaussian negative log-likelihood of the query targets. ``StepMetrics.loss`` is the MSE of
-    ``mu`` (one column), the number that MAML's sinusoid table reports; ``log_likelihood``
-    gives the per-point log-likelihood.
+    ``mu`` (one column in training), the number that MAML's sinusoid table reports;
+    ``eval_metrics`` reports it given the first 0..K support points (with none, ``r = 0``);
+    ``log_likelihood`` gives the per-point log-likelihood.
 
     ``model`` is the decoder, ``[N, x_dim + representation] -> [N, 2 y_dim]``; the encoder, an
     MLP ``[N, x_dim + y_dim] -> [N, representation]`` with ``encoder_hidden`` ReLU layers, is
@@ -34,6 +35,7 @@ class CNP(MetaLearner):
     """
 
     SECOND_ORDER = False   # no inner loop
+    metric_axis = "shots_seen"
 
     def __init__(self, model, *, representation: int = REPRESENTATION,
                  encoder_hidden: Sequence[int] = (128, 128), **kwargs):
@@ -66,9 +68,12 @@ class CNP(MetaLearner):
         support set ``[T, N_s, x_dim]``, ``[T, N_s, y_dim]``."""
         net, extra = self.split(weights)
         t = support_x.shape[0]
-        encoder = tile_for_tasks(extra[:len(self.encoder.variables)], t)
-        pairs = tf.concat([support_x, tf.cast(support_y, support_x.dtype)], axis=-1)
-        r = tf.reduce_mean(self.encoder.apply(encoder, pairs), axis=1)        # [T, R]
+        if support_x.shape[1]:
+            encoder = tile_for_tasks(extra[:len(self.encoder.variables)], t)
+            pairs = tf.concat([support_x, tf.cast(support_y, support_x.dtype)], axis=-1)
+            r = tf.reduce_mean(self.encoder.apply(encoder, pairs), axis=1)    # [T, R]
+        else:   # no context: the representation of an empty set is taken as zero
+            r = tf.zeros([t, self.representation], query_x.dtype)
         r = tf.broadcast_to(r[:, None, :], [t, query_x.shape[1], self.representation])
         out = self.net.apply(tile_for_tasks(net, t), tf.concat([query_x, r], axis=-1))
         mu, scale = out[..., :self.y_dim], out[..., self.y_dim:]
@@ -87,6 +92,16 @@ class CNP(MetaLearner):
         nll = -tf.reduce_mean(gaussian_log_prob(episode.query_y, mu, sigma), axis=[1, 2])
         mse = tf.reduce_mean(tf.square(mu - tf.cast(episode.query_y, mu.dtype)), axis=[1, 2])
         return tf.reduce_mean(nll), StepMetrics(mse[:, None], None)
+
+    def eval_metrics(self, weights, episode, steps):
+        """The query MSE given the first 0..K support points, ``[T, K + 1]``."""
+        columns = []
+        for k in range(episode.support_x.shape[1] + 1):
+            mu, _ = self.predict_distribution(weights, episode.support_x[:, :k],
+                                              episode.support_y[:, :k], episode.query_x)
+            columns.append(tf.reduce_mean(
+                tf.square(mu - tf.cast(episode.query_y, mu.dtype)), axis=[1, 2]))
+        return StepMetrics(tf.stack(columns, 1), None)
 
 
 def gaussian_log_prob(y, mu, sigma):

@@ -8,7 +8,8 @@ import math
 import keras
 import tensorflow as tf
 
-from maml_tf.algorithms._embedding import EmbeddingLearner
+from maml_tf.algorithms._embedding import EmbeddingLearner, instances_seen
+from maml_tf.meta_learner import StepMetrics
 
 
 class SNAIL(EmbeddingLearner):
@@ -24,7 +25,13 @@ class SNAIL(EmbeddingLearner):
     softmax read (``key`` and ``value`` sizes) to its input. Every position sees only itself
     and earlier positions, so the query's label comes from the support set and the query alone.
     The sequence weights are the learner's ``extra`` tensors.
+
+    Evaluation (``eval_metrics``) reports the query metrics by shots seen: column i reads only
+    the first i support examples of each class (in the episode's order), i = 0..shot; the
+    last column is the usual prediction.
     """
+
+    metric_axis = "shots_seen"
 
     def __init__(self, model, *, shot: int = 1, **kwargs):
         super().__init__(model, **kwargs)
@@ -41,6 +48,7 @@ class SNAIL(EmbeddingLearner):
         self._build(self.support_size + 1)
 
     def _build(self, length: int) -> None:
+        self.depth = max(1, math.ceil(math.log2(length)))   # dense blocks per TC block
         d = self.embedding_dim + self.way
         specs = []
 
@@ -49,7 +57,7 @@ class SNAIL(EmbeddingLearner):
             return d + value
 
         def tc(d, filters):
-            for _ in range(max(1, math.ceil(math.log2(length)))):
+            for _ in range(self.depth):
                 specs.extend([("filter_past", (d, filters)), ("filter_now", (d, filters)),
                               ("filter_bias", (filters,)), ("gate_past", (d, filters)),
                               ("gate_now", (d, filters)), ("gate_bias", (filters,))])
@@ -71,7 +79,7 @@ class SNAIL(EmbeddingLearner):
 
     def head(self, support, support_y, query, extra):
         t, ns, nq = support.shape[0], support.shape[1], query.shape[1]
-        if ns != self.support_size:
+        if ns > self.support_size:
             raise ValueError(f"This SNAIL was built for {self.support_size} support examples "
                              f"per task (way x shot); the episode has {ns}.")
         labels = tf.one_hot(support_y, self.way, dtype=support.dtype)
@@ -83,8 +91,27 @@ class SNAIL(EmbeddingLearner):
         out = self.sequence(seq, extra)
         return tf.reshape(out[:, -1], [t, nq, self.way])
 
+    def eval_metrics(self, weights, episode, steps):
+        zs = self.embed(weights, episode.support_x)
+        zq = self.embed(weights, episode.query_x)
+        extra = self.split(weights)[1]
+        t, ns = zs.shape[0], zs.shape[1]
+        seen = instances_seen(episode.support_y, self.way)                   # [T, N_s]
+        losses, metrics = [], []
+        for shots in range(ns // self.way + 1):
+            # The first `shots` examples of every class, in the episode's order: the same
+            # number in every task, so the boolean mask reshapes back to [T, way * shots].
+            keep = seen < shots
+            zs_k = tf.reshape(tf.boolean_mask(zs, keep), [t, self.way * shots] + zs.shape[2:])
+            ys_k = tf.reshape(tf.boolean_mask(episode.support_y, keep), [t, self.way * shots])
+            logits = self.head(zs_k, ys_k, zq, extra)
+            losses.append(self.query_loss(logits, episode.query_y))
+            metrics.append(self.metric_fn(logits, episode.query_y))
+        return StepMetrics(tf.stack(losses, 1), tf.stack(metrics, 1))
+
     def sequence(self, x: tf.Tensor, extra) -> tf.Tensor:
-        """The network on sequences ``[B, L, D + way]`` -> logits ``[B, L, way]`` (causal)."""
+        """The network on sequences ``[B, L, D + way]`` -> logits ``[B, L, way]`` (causal;
+        L up to the built length)."""
         weights = iter(extra[:len(self._specs)])
         length = x.shape[1]
 
@@ -96,7 +123,9 @@ class SNAIL(EmbeddingLearner):
             return tf.concat([x, tf.nn.softmax(logits, -1) @ (x @ wv)], -1)
 
         def tc(x):
-            for i in range(max(1, math.ceil(math.log2(length)))):
+            # As many blocks as built, whatever this sequence's length (evaluation by shots
+            # seen reads shorter ones): a dilation beyond the length reads only padding.
+            for i in range(self.depth):
                 dilation = 2 ** i
                 fp, fn, fb, gp, gn, gb = (next(weights) for _ in range(6))
                 past = tf.pad(x, [[0, 0], [dilation, 0], [0, 0]])[:, :length]
