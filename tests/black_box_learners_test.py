@@ -281,7 +281,6 @@ class MannTest(tf.test.TestCase):
         _fd_check(self, learner, ep, 0, index=n)          # the LSTM
         _fd_check(self, learner, ep, 0, index=n + 2)      # the keys, through the memory
         _fd_check(self, learner, ep, 0, index=n + 5)      # the write gate (its bias)
-        _fd_check(self, learner, ep, 0, index=n + 7)      # the key strength (its bias)
 
     def test_the_support_sequence_is_shuffled_for_mann_only(self):
         from maml_tf.data import few_shot

@@ -30,22 +30,16 @@ class MANN(EmbeddingLearner):
         h, c  = LSTM([embedding_t, label_{t-1}, reads_{t-1}], h, c)
         k     = tanh(h W_k + b_k)              [R, W]   one key per head
         alpha = h W_a + b_a                    [R]
-        beta  = 1 + softplus(h W_b + b_b)      [R]      key strength (NTM's; see below)
         M[argmin usage] = 0                             the least-used slot is cleared
         w_w   = sigmoid(alpha) w_r_{t-1} + (1 - sigmoid(alpha)) lu       [R, N]
         M    += w_w^T k                                 write
-        w_r   = softmax(beta cosine(k, M))     [R, N]   read
+        w_r   = softmax(cosine(k, M))          [R, N]   read
         reads = w_r M                          [R, W]
         usage = gamma usage + sum_heads(w_r + w_w)
         logits_t = [h, reads] W_o + b_o
 
-    Two departures from the paper, both stated in runs/README.md: the images enter through the
-    network's body (the Conv-4 of the other learners; the paper fed raw pixels), and the read
-    softmax has a learned key strength ``beta`` as in the Neural Turing Machine (Graves et al.
-    2014). The paper's read is ``softmax(cosine)``: cosines lie in [-1, 1], so among 128 slots
-    the best match can get at most e^2 times the weight of the worst, and a read is close to
-    the mean of the memory; with it, this model's queries stayed at chance for 1,300 iterations
-    of 16 episodes (measured; ``key_strength=False`` keeps the paper's read). ``StepMetrics`` in training has one column (the queries); evaluation
+    The images enter through the network's body (the Conv-4 of the other learners; the paper
+    fed raw pixels). ``StepMetrics`` in training has one column (the queries); evaluation
     (``eval_metrics``) reports metrics by the number of examples of the class seen before the
     prediction: column i < shot holds the support predictions of each class's (i+1)-th
     instance (the paper's accuracy by instance number), column ``shot`` the queries.
@@ -56,8 +50,7 @@ class MANN(EmbeddingLearner):
     metric_axis = "shots_seen"
 
     def __init__(self, model, *, units: int = 200, slots: int = 128, width: int = 40,
-                 read_heads: int = 4, gamma: float = 0.95, key_strength: bool = True,
-                 **kwargs):
+                 read_heads: int = 4, gamma: float = 0.95, **kwargs):
         super().__init__(model, **kwargs)
         _, head = self.net.split_head()
         kernel = head.variables[0]
@@ -69,7 +62,6 @@ class MANN(EmbeddingLearner):
                              f"slots; got {slots}.")
         self.units, self.slots, self.width = int(units), int(slots), int(width)
         self.read_heads, self.gamma = int(read_heads), float(gamma)
-        self.key_strength = bool(key_strength)
         self.dtype = dtype = tf.as_dtype(kernel.dtype)
         inputs = int(kernel.shape[0]) + self.way + self.read_heads * self.width
         glorot = keras.initializers.GlorotUniform()
@@ -77,7 +69,6 @@ class MANN(EmbeddingLearner):
         shapes = {"lstm_kernel": (inputs + u, 4 * u), "lstm_bias": (4 * u,),
                   "key_kernel": (u, r * self.width), "key_bias": (r * self.width,),
                   "gate_kernel": (u, r), "gate_bias": (r,),
-                  "strength_kernel": (u, r), "strength_bias": (r,),
                   "out_kernel": (u + r * self.width, self.way), "out_bias": (self.way,)}
         # Kernels Glorot-uniform, biases zero except the LSTM's forget gate, which starts open
         # (bias 1), as is usual.
@@ -95,12 +86,12 @@ class MANN(EmbeddingLearner):
                 tf.zeros([batch, n, w], dtype), tf.zeros([batch, n], dtype),
                 tf.zeros([batch, r, n], dtype), tf.zeros([batch, r * w], dtype))
 
-    def memory_step(self, memory, usage, read_w, keys, alpha, strength=None):
+    def memory_step(self, memory, usage, read_w, keys, alpha):
         """One LRUA write then read.
 
         memory ``[B, N, W]``, usage ``[B, N]``, read_w ``[B, R, N]`` (the previous step's),
-        keys ``[B, R, W]``, alpha ``[B, R]``, strength ``[B, R]`` (None: 1, the paper's read)
-        -> (memory, usage, read_w, reads ``[B, R, W]``, write_w ``[B, R, N]``).
+        keys ``[B, R, W]``, alpha ``[B, R]`` -> (memory, usage, read_w, reads ``[B, R, W]``,
+        write_w ``[B, R, N]``).
         """
         n = self.slots
         # The least-used slots come from the previous usage; they are indices, constant for
@@ -117,8 +108,6 @@ class MANN(EmbeddingLearner):
         key_norm = tf.sqrt(tf.reduce_sum(tf.square(keys), -1, keepdims=True) + eps)
         slot_norm = tf.sqrt(tf.reduce_sum(tf.square(memory), -1) + eps)    # [B, N]
         cosine = tf.matmul(keys, memory, transpose_b=True) / (key_norm * slot_norm[:, None, :])
-        if strength is not None:
-            cosine = cosine * strength[:, :, None]
         read_w = tf.nn.softmax(cosine, -1)
         reads = tf.matmul(read_w, memory)
         usage = self.gamma * usage + tf.reduce_sum(read_w + write_w, 1)
@@ -127,18 +116,16 @@ class MANN(EmbeddingLearner):
     def step(self, extra, state, x):
         """One time step: state (see ``initial_state``), x ``[B, D + way]`` -> (logits
         ``[B, way]``, new state)."""
-        (lstm_kernel, lstm_bias, key_kernel, key_bias, gate_kernel, gate_bias, strength_kernel,
-         strength_bias, out_kernel, out_bias) = extra[:10]
+        lstm_kernel, lstm_bias, key_kernel, key_bias, gate_kernel, gate_bias, out_kernel, \
+            out_bias = extra[:8]
         h, c, memory, usage, read_w, reads = state
         gates = tf.concat([x, reads, h], -1) @ lstm_kernel + lstm_bias
         i, f, g, o = tf.split(gates, 4, -1)
         c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
         h = tf.sigmoid(o) * tf.tanh(c)
         keys = tf.reshape(tf.tanh(h @ key_kernel + key_bias), [-1, self.read_heads, self.width])
-        strength = (1.0 + tf.nn.softplus(h @ strength_kernel + strength_bias)
-                    if self.key_strength else None)
-        memory, usage, read_w, reads, _ = self.memory_step(
-            memory, usage, read_w, keys, h @ gate_kernel + gate_bias, strength)
+        memory, usage, read_w, reads, _ = self.memory_step(memory, usage, read_w, keys,
+                                                           h @ gate_kernel + gate_bias)
         reads = tf.reshape(reads, [-1, self.read_heads * self.width])
         logits = tf.concat([h, reads], -1) @ out_kernel + out_bias
         return logits, (h, c, memory, usage, read_w, reads)
