@@ -73,10 +73,15 @@ class CnpTest(tf.test.TestCase):
         variables = learner.meta_variables
 
         @tf.function
-        def step(ep):
+        def traced(ep):
             loss, grads, per_step = learner.meta_step(learner.meta_weights(), ep, 0)
-            optimizer.apply(grads[:len(variables)], variables)
-            return loss, per_step.loss
+            return loss, grads[:len(variables)], per_step.loss
+
+        def step(ep):
+            # Applied eagerly: see learner_contract_test.LearnerContract._train.
+            loss, grads, per_step_loss = traced(ep)
+            optimizer.apply(grads, variables)
+            return loss, per_step_loss
 
         losses = [float(step(Episode(*next(episodes)[:4]))[0]) for _ in range(300)]
         self.assertLess(np.mean(losses[-30:]), np.mean(losses[:30]) - 0.2)

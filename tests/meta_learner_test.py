@@ -1,6 +1,7 @@
 """Exactness of MAML's meta-gradient: finite differences, a closed form, and the traps."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import keras
 from absl.testing import parameterized
@@ -176,6 +177,7 @@ def _global_rel(a, b):
     return num / np.sqrt(sum(float(tf.reduce_sum(tf.cast(x, tf.float64) ** 2)) for x in a))
 
 
+@pytest.mark.isolated
 class CompiledMetaGradientTest(tf.test.TestCase, parameterized.TestCase):
     """The training step runs in tf.function/XLA: it must compute the same meta-gradient.
 
@@ -228,6 +230,7 @@ class CompiledMetaGradientTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLess(_global_rel(g64, g32), 1e-5)
 
 
+@pytest.mark.isolated
 class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters("bfloat16", "float16")

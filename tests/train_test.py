@@ -252,6 +252,7 @@ ALGORITHM_STATE_TAGS = {
 }
 
 
+@pytest.mark.isolated
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHM_STATE_TAGS))
 def test_every_algorithm_trains_compiled_and_shows_its_state(algorithm, omniglot_dir, tmp_path):
     extra = {"mamlpp": {"lslr": True, "bnwb": True, "bnrs": True, "msl_iterations": 2,
@@ -274,6 +275,7 @@ def test_every_algorithm_trains_compiled_and_shows_its_state(algorithm, omniglot
         assert tag in scalars, (tag, sorted(scalars))
 
 
+@pytest.mark.isolated
 @pytest.mark.parametrize("algorithm", ["maml", "reptile", "protonet"])
 def test_task_chunks_give_the_same_step(algorithm, tmp_path):
     # Chunks of tasks run one after another in a while loop: only memory may change.
