@@ -176,6 +176,14 @@ class SnailTest(tf.test.TestCase):
         self.assertAllClose(swapped.loss[:, 0], m.loss[:, 0], rtol=1e-12)
         self.assertGreater(np.abs(swapped.loss[:, 1:] - m.loss[:, 1:]).max(), 1e-9)
 
+    def test_evaluation_by_shots_seen_compiles_with_xla(self):
+        # The evaluation step is XLA-compiled in training: shapes must stay static.
+        learner = _snail()
+        ep = _episode_from(learner, 3)
+        compiled = tf.function(lambda w, e: learner.eval_metrics(w, e, 0).accuracy,
+                               jit_compile=True)
+        self.assertAllClose(compiled(learner.meta_weights(), ep), learner.evaluate(ep).accuracy)
+
     def test_other_shot_counts_are_refused(self):
         with pytest.raises(ConfigError, match="built for --shot"):
             Config.from_dict({"dataset": "omniglot", "algorithm": "snail", "shot": 1,
@@ -277,6 +285,13 @@ class MannTest(tf.test.TestCase):
         q_right = np.argmax(query.numpy(), -1) == ep.query_y.numpy()
         self.assertAllClose(m.accuracy[:, 2], q_right.mean(1))
         self.assertAllEqual(_instances([[2, 0, 2, 2, 0, 1]]), [[0, 0, 1, 2, 1, 0]])
+
+    def test_evaluation_compiles_with_xla(self):
+        learner = _mann("float32")
+        ep = _episode_from(learner, 3)
+        compiled = tf.function(lambda w, e: learner.eval_metrics(w, e, 0).accuracy,
+                               jit_compile=True)
+        self.assertAllClose(compiled(learner.meta_weights(), ep), learner.evaluate(ep).accuracy)
 
     def test_meta_gradient_matches_finite_differences(self):
         learner = _mann()

@@ -95,15 +95,17 @@ class SNAIL(EmbeddingLearner):
         zs = self.embed(weights, episode.support_x)
         zq = self.embed(weights, episode.query_x)
         extra = self.split(weights)[1]
-        t, ns = zs.shape[0], zs.shape[1]
+        ns = zs.shape[1]
         seen = instances_seen(episode.support_y, self.way)                   # [T, N_s]
         losses, metrics = [], []
+        # Positions sorted by (instance number, position): the first way * shots of them are
+        # the first `shots` examples of every class, whatever the order (static shapes, for
+        # XLA); sorted back into the episode's order.
+        order = tf.argsort(seen * ns + tf.range(ns)[None], axis=1)
         for shots in range(ns // self.way + 1):
-            # The first `shots` examples of every class, in the episode's order: the same
-            # number in every task, so the boolean mask reshapes back to [T, way * shots].
-            keep = seen < shots
-            zs_k = tf.reshape(tf.boolean_mask(zs, keep), [t, self.way * shots] + zs.shape[2:])
-            ys_k = tf.reshape(tf.boolean_mask(episode.support_y, keep), [t, self.way * shots])
+            keep = tf.sort(order[:, :self.way * shots], axis=1)
+            zs_k = tf.gather(zs, keep, axis=1, batch_dims=1)
+            ys_k = tf.gather(episode.support_y, keep, axis=1, batch_dims=1)
             logits = self.head(zs_k, ys_k, zq, extra)
             losses.append(self.query_loss(logits, episode.query_y))
             metrics.append(self.metric_fn(logits, episode.query_y))
