@@ -80,6 +80,9 @@ class _Isolation:
                                 longrepr if when == "call" else None, when,
                                 duration=duration if when == "call" else 0.0)
             item.ihook.pytest_runtest_logreport(report=report)
+        # As pytest's own protocol ends a test: tear down the scopes (module, class) that the
+        # next test does not share, running their finalizers.
+        item.session._setupstate.teardown_exact(nextitem)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
