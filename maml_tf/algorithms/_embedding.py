@@ -36,6 +36,15 @@ class EmbeddingLearner(MetaLearner):
     def reports_inner_steps(self):
         return False
 
+    def vector_head_kernel(self) -> tf.Variable:
+        """The (unused) head's kernel ``[D, way]``, for learners that read D-dimensional body
+        embeddings (SNAIL, MANN); a body that does not output vectors is refused."""
+        kernel = self.net.split_head()[1].variables[0]
+        if kernel.shape.rank != 2:
+            raise ValueError(f"{type(self).__name__} needs a body that outputs vectors (a Dense "
+                             f"head); the head's kernel has shape {kernel.shape}.")
+        return kernel
+
     def inner_loop(self, weights, x, y, steps, first_order=None):
         raise NotImplementedError(f"{type(self).__name__} has no inner loop: use "
                                   "meta_gradient, evaluate or meta_loss.")

@@ -52,11 +52,7 @@ class MANN(EmbeddingLearner):
     def __init__(self, model, *, units: int = 200, slots: int = 128, width: int = 40,
                  read_heads: int = 4, gamma: float = 0.95, **kwargs):
         super().__init__(model, **kwargs)
-        _, head = self.net.split_head()
-        kernel = head.variables[0]
-        if kernel.shape.rank != 2:
-            raise ValueError("MANN needs a body that outputs vectors (a Dense head); the head's "
-                             f"kernel has shape {kernel.shape}.")
+        kernel = self.vector_head_kernel()
         if read_heads > slots:
             raise ValueError(f"MANN's {read_heads} read heads need at least as many memory "
                              f"slots; got {slots}.")

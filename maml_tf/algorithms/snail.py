@@ -35,11 +35,7 @@ class SNAIL(EmbeddingLearner):
 
     def __init__(self, model, *, shot: int = 1, **kwargs):
         super().__init__(model, **kwargs)
-        _, head = self.net.split_head()
-        kernel = head.variables[0]
-        if kernel.shape.rank != 2:
-            raise ValueError("SNAIL needs a body that outputs vectors (a Dense head); the head's "
-                             f"kernel has shape {kernel.shape}.")
+        kernel = self.vector_head_kernel()
         self.embedding_dim = int(kernel.shape[0])
         self.dtype = tf.as_dtype(kernel.dtype)
         # The TC blocks' depth depends on the sequence length: way * shot support examples
