@@ -186,8 +186,9 @@ class MetaLearner(tf.Module):
 
     @property
     def reports_inner_steps(self) -> bool:
-        """Whether ``StepMetrics`` has a column per inner step (False: one column)."""
-        return True
+        """Whether ``StepMetrics`` has a column per inner step in training (False: one
+        column, the learners without an inner loop)."""
+        return self.metric_axis == "inner_steps"
 
     # -- inner loop ---------------------------------------------------------------------
     def init_inner_state(self, params: list[tf.Tensor]) -> list[tf.Tensor]:

@@ -32,10 +32,6 @@ class EmbeddingLearner(MetaLearner):
         # The head (unused) was built for the task's classes: its outputs are the way.
         self.way = int(way or head.variables[-1].shape[-1])
 
-    @property
-    def reports_inner_steps(self):
-        return False
-
     def vector_head_kernel(self) -> tf.Variable:
         """The (unused) head's kernel ``[D, way]``, for learners that read D-dimensional body
         embeddings (SNAIL, MANN); a body that does not output vectors is refused."""

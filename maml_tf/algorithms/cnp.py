@@ -55,10 +55,6 @@ class CNP(MetaLearner):
                     dtype=dtype), strict=False)
         self.extra = list(self.encoder.variables)
 
-    @property
-    def reports_inner_steps(self):
-        return False
-
     def inner_loop(self, weights, x, y, steps, first_order=None):
         raise NotImplementedError("A CNP has no inner loop: use meta_gradient, evaluate, "
                                   "meta_loss or predict_distribution.")
@@ -66,16 +62,26 @@ class CNP(MetaLearner):
     def predict_distribution(self, weights, support_x, support_y, query_x):
         """(mu, sigma), each ``[T, N_q, y_dim]``, for queries ``[T, N_q, x_dim]`` given the
         support set ``[T, N_s, x_dim]``, ``[T, N_s, y_dim]``."""
-        net, extra = self.split(weights)
-        t = support_x.shape[0]
         if support_x.shape[1]:
-            encoder = tile_for_tasks(extra[:len(self.encoder.variables)], t)
-            pairs = tf.concat([support_x, tf.cast(support_y, support_x.dtype)], axis=-1)
-            r = tf.reduce_mean(self.encoder.apply(encoder, pairs), axis=1)    # [T, R]
+            r = tf.reduce_mean(self.codes(weights, support_x, support_y), axis=1)   # [T, R]
         else:   # no context: the representation of an empty set is taken as zero
-            r = tf.zeros([t, self.representation], query_x.dtype)
+            r = tf.zeros([support_x.shape[0], self.representation], query_x.dtype)
+        return self.decode(weights, r, query_x)
+
+    def codes(self, weights, support_x, support_y) -> tf.Tensor:
+        """The encoder's code ``[T, N_s, R]`` of every support pair."""
+        encoder = tile_for_tasks(self.split(weights)[1][:len(self.encoder.variables)],
+                                 support_x.shape[0])
+        pairs = tf.concat([support_x, tf.cast(support_y, support_x.dtype)], axis=-1)
+        return self.encoder.apply(encoder, pairs)
+
+    def decode(self, weights, r, query_x):
+        """(mu, sigma) ``[T, N_q, y_dim]`` for queries ``[T, N_q, x_dim]`` given the task
+        representations r ``[T, R]``."""
+        t = query_x.shape[0]
         r = tf.broadcast_to(r[:, None, :], [t, query_x.shape[1], self.representation])
-        out = self.net.apply(tile_for_tasks(net, t), tf.concat([query_x, r], axis=-1))
+        net = tile_for_tasks(self.split(weights)[0], t)
+        out = self.net.apply(net, tf.concat([query_x, r], axis=-1))
         mu, scale = out[..., :self.y_dim], out[..., self.y_dim:]
         return mu, 0.1 + 0.9 * tf.nn.softplus(scale)
 
@@ -94,15 +100,18 @@ class CNP(MetaLearner):
         return tf.reduce_mean(nll), StepMetrics(mse[:, None], None)
 
     def eval_metrics(self, weights, episode, steps):
-        """The query MSE given the first 0..K support points, ``[T, K + 1]``."""
+        """The query MSE given the first 0..K support points, ``[T, K + 1]``: the support is
+        encoded once, and the representation after k points is the running mean of the codes
+        (zero for k = 0)."""
+        codes = self.codes(weights, episode.support_x, episode.support_y)     # [T, K, R]
+        k = tf.range(1, codes.shape[1] + 1, dtype=codes.dtype)[None, :, None]
+        means = tf.concat([tf.zeros_like(codes[:, :1]), tf.cumsum(codes, axis=1) / k], 1)
         columns = []
-        for k in range(episode.support_x.shape[1] + 1):
-            mu, _ = self.predict_distribution(weights, episode.support_x[:, :k],
-                                              episode.support_y[:, :k], episode.query_x)
+        for r in tf.unstack(means, axis=1):
+            mu, _ = self.decode(weights, r, episode.query_x)
             columns.append(tf.reduce_mean(
                 tf.square(mu - tf.cast(episode.query_y, mu.dtype)), axis=[1, 2]))
         return StepMetrics(tf.stack(columns, 1), None)
-
 
 def gaussian_log_prob(y, mu, sigma):
     """``log N(y; mu, sigma^2)`` elementwise."""
