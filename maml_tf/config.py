@@ -11,7 +11,10 @@ import json
 import math
 from typing import Any
 
-DATASETS = ("sinusoid", "omniglot", "mini_imagenet")
+# Reinforcement-learning task distributions (maml_tf/rl): 2D navigation in TensorFlow, and
+# HalfCheetah goal velocity / direction through gymnasium's MuJoCo (pip install -e ".[rl]").
+RL_DATASETS = ("navigation_2d", "halfcheetah_vel", "halfcheetah_dir")
+DATASETS = ("sinusoid", "omniglot", "mini_imagenet") + RL_DATASETS
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "boil", "cavia", "imaml", "mamlpp",
               "protonet", "r2d2", "metaoptnet", "matching", "relation", "mann", "snail", "cnp",
               "pretrain")
@@ -23,8 +26,14 @@ BLACK_BOX_LEARNERS = ("mann", "snail", "cnp")
 ALGORITHM_SWITCHES = {"context_dim": "cavia", "film_layer": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
                       "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
                       "fce": "matching", "fce_steps": "matching", "relation_hidden": "relation"}
+# The learners that policy-gradient MAML supports (first order, learned rates, and the
+# pre-trained baseline, which takes no inner step in meta-training).
+RL_ALGORITHMS = ("maml", "fomaml", "metasgd", "pretrain")
+# Switches of reinforcement learning only (their defaults are the paper's).
+RL_SWITCHES = ("trajectories", "eval_trajectories", "horizon", "discount", "gae_lambda",
+               "max_kl", "trpo_cg_iterations", "eval_later_inner_lr", "oracle")
 INNER_OPTIMIZERS = ("sgd", "adam")
-META_OPTIMIZERS = ("adam", "sgd")
+META_OPTIMIZERS = ("adam", "sgd", "trpo")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MODELS = ("auto", "mlp", "conv4", "resnet12")
 CUSTOM_INSTANCE = "instance"   # config.model of a run given a keras.Model object
@@ -85,6 +94,16 @@ class Config:
     fce: bool = False
     fce_steps: int = 5
     relation_hidden: int = 8
+    # -- reinforcement learning (RL_DATASETS) --
+    trajectories: int = 20
+    eval_trajectories: int = 40
+    horizon: int = 0
+    discount: float = 0.99
+    gae_lambda: float = 1.0
+    max_kl: float = 0.01
+    trpo_cg_iterations: int = 10
+    eval_later_inner_lr: float = 0.0
+    oracle: bool = False
     meta_batch_size: int = 25
     task_chunks: int = 1
     grad_clip: float = 0.0
@@ -118,6 +137,17 @@ class Config:
     @property
     def is_regression(self) -> bool:
         return self.dataset == "sinusoid"
+
+    @property
+    def is_rl(self) -> bool:
+        """A reinforcement-learning task distribution (maml_tf/rl)."""
+        return self.dataset in RL_DATASETS
+
+    @property
+    def test_inner_lrs(self) -> tuple[float, ...]:
+        """RL evaluation: the step size of each test inner step (the paper: 0.1, then 0.05)."""
+        later = self.eval_later_inner_lr or self.inner_lr
+        return tuple(self.inner_lr if k == 0 else later for k in range(self.test_inner_steps))
 
     @property
     def first_order(self) -> bool:
@@ -164,7 +194,7 @@ class Config:
             return "custom"
         if self.model != "auto":
             return self.model
-        return "mlp" if self.is_regression else "conv4"
+        return "mlp" if self.is_regression or self.is_rl else "conv4"
 
     @property
     def filters(self) -> int:
@@ -249,6 +279,17 @@ class Config:
         _at_least("svm_iterations", self.svm_iterations, 1)
         _at_least("fce_steps", self.fce_steps, 1)
         _at_least("relation_hidden", self.relation_hidden, 1)
+        _at_least("trajectories", self.trajectories, 2, "(the baseline and the normalised "
+                  "advantages need two)")
+        _at_least("eval_trajectories", self.eval_trajectories, 2)
+        _at_least("horizon", self.horizon, 0, "(0: the environment's own)")
+        for name in ("discount", "gae_lambda"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ConfigError(f"--{name}={value!r} is invalid: it must lie in [0, 1].")
+        _positive("max_kl", self.max_kl)
+        _at_least("trpo_cg_iterations", self.trpo_cg_iterations, 1)
+        _positive("eval_later_inner_lr", self.eval_later_inner_lr, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
         _at_least("meta_batch_size", self.meta_batch_size, 1)
         _at_least("task_chunks", self.task_chunks, 1, "(1: all tasks of a replica at once)")
@@ -272,7 +313,51 @@ class Config:
                        "adapts in meta-training, so this trains one network for all tasks.")
         return out
 
+    def _validate_rl(self) -> None:
+        defaults = Config.__dataclass_fields__
+        if not self.is_rl:
+            for name in RL_SWITCHES:
+                if getattr(self, name) != defaults[name].default:
+                    raise ConfigError(f"--{name} is a reinforcement-learning switch; it needs "
+                                      f"--dataset={'/'.join(RL_DATASETS)} (got "
+                                      f"--dataset={self.dataset}).")
+            if self.meta_optimizer == "trpo":
+                raise ConfigError("--meta_optimizer=trpo is the outer loop of reinforcement "
+                                  f"learning (--dataset={'/'.join(RL_DATASETS)}); use adam or "
+                                  "sgd here.")
+            return
+        if self.algorithm not in RL_ALGORITHMS:
+            raise ConfigError(f"--algorithm={self.algorithm} is not implemented for "
+                              f"reinforcement learning; choose one of {', '.join(RL_ALGORITHMS)}.")
+        if self.meta_optimizer == "sgd":
+            raise ConfigError("--meta_optimizer=sgd is not offered for reinforcement learning: "
+                              "use trpo (the paper) or adam.")
+        if self.inner_steps > 1:
+            raise ConfigError(f"--inner_steps={self.inner_steps}: meta-training takes at most "
+                              "one policy-gradient inner step here (each further step would "
+                              "need its own trajectories of the adapted policy); evaluation "
+                              "takes --eval_inner_steps of them.")
+        if self.strategy != "default" or self.cpu_devices:
+            raise ConfigError(f"--strategy={self.strategy}: reinforcement learning runs on one "
+                              "device for now (rollouts are sampled in the training process); "
+                              "use --strategy=default.")
+        if self.precision != "float32" or self.task_chunks != 1 or self.inner_recompute:
+            raise ConfigError("--precision, --task_chunks and --inner_recompute are not offered "
+                              "for reinforcement learning: drop them.")
+        if self.model_name in ("conv4", "resnet12") or self.num_filters or \
+                self.conv_pool != "auto" or self.norm != "batch":
+            raise ConfigError(f"--model={self.model} and the Conv-4 switches are image models; "
+                              "a policy is --model=auto (the paper's Gaussian MLP) or your own "
+                              "function.")
+        if self.grad_clip and self.meta_optimizer == "trpo":
+            raise ConfigError("--grad_clip does not apply to TRPO, whose step is bounded by "
+                              "--max_kl: drop it.")
+
     def _validate_combinations(self) -> None:
+        self._validate_rl()
+        if self.is_rl:
+            self._validate_algorithm()
+            return
         if self.is_regression and self.model_name == "conv4":
             raise ConfigError("--model=conv4 is an image model but --dataset=sinusoid is 1-D "
                               "regression: use --model=mlp (or auto) with sinusoid.")

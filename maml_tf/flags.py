@@ -107,6 +107,23 @@ flags.DEFINE_bool("fce", _D.fce, "Matching Networks: full context embeddings (LS
 flags.DEFINE_integer("fce_steps", _D.fce_steps, "Matching Networks: attention-LSTM steps.")
 flags.DEFINE_integer("relation_hidden", _D.relation_hidden, "Relation Networks: units of the "
                      "relation module's hidden dense layer.")
+# -- reinforcement learning (--dataset=navigation_2d / halfcheetah_vel / halfcheetah_dir) ---
+flags.DEFINE_integer("trajectories", _D.trajectories, "RL: trajectories sampled per task "
+                     "with each policy in meta-training (pre- and post-update).")
+flags.DEFINE_integer("eval_trajectories", _D.eval_trajectories, "RL: trajectories per task "
+                     "and inner step at evaluation.")
+flags.DEFINE_integer("horizon", _D.horizon, "RL: steps per episode (0: the environment's: "
+                     "100 for 2D navigation, 200 for HalfCheetah).")
+flags.DEFINE_float("discount", _D.discount, "RL: discount gamma of the returns and GAE.")
+flags.DEFINE_float("gae_lambda", _D.gae_lambda, "RL: GAE's lambda (1: Monte-Carlo returns "
+                   "minus the linear baseline).")
+flags.DEFINE_float("max_kl", _D.max_kl, "RL, --meta_optimizer=trpo: the KL limit of a step.")
+flags.DEFINE_integer("trpo_cg_iterations", _D.trpo_cg_iterations, "RL, --meta_optimizer=trpo: "
+                     "conjugate-gradient iterations.")
+flags.DEFINE_float("eval_later_inner_lr", _D.eval_later_inner_lr, "RL: the step size of test "
+                   "inner steps after the first (0: --inner_lr; the paper: 0.05 after 0.1).")
+flags.DEFINE_bool("oracle", _D.oracle, "RL: the policy also observes its task (the goal): "
+                  "the paper's oracle baseline.")
 flags.DEFINE_integer("meta_batch_size", _D.meta_batch_size, "Tasks per meta-update (global, "
                      "over all replicas).")
 flags.DEFINE_integer("task_chunks", _D.task_chunks, "Compute each replica's meta-gradient "

@@ -43,6 +43,34 @@ def sinusoid_fit_image(learner, config, shot: int, steps=(0, 1, 10)) -> tf.Tenso
     return _figure_to_image(fig)
 
 
+def navigation_image(tasks, trajectories, num_tasks: int = 4, per_task: int = 5) -> tf.Tensor:
+    """uint8 ``[1, H, W, 4]``: 2D-navigation paths of the first ``num_tasks`` tasks before
+    adaptation (``trajectories[0]``) and after the last inner step (``trajectories[-1]``),
+    ``per_task`` episodes each, with the goal marked."""
+    tasks = np.asarray(tasks)
+    n = min(num_tasks, tasks.shape[0])
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2), dpi=80, squeeze=False)
+    shown = [(trajectories[0], "C0", "before adaptation"),
+             (trajectories[-1], "C3", f"after {len(trajectories) - 1} steps")]
+    for t, ax in enumerate(axes[0]):
+        for tr, color, label in shown:
+            obs, mask = np.asarray(tr.obs)[t, :, :, :2], np.asarray(tr.mask)[t]
+            for i in range(min(per_task, obs.shape[0])):
+                path = obs[i][mask[i] > 0]
+                ax.plot(path[:, 0], path[:, 1], "-", color=color, alpha=0.6, linewidth=1,
+                        label=label if i == 0 else None)
+        ax.plot(tasks[t, 0], tasks[t, 1], "k*", markersize=12, label="goal")
+        ax.plot(0, 0, "ko", markersize=4)
+        ax.set_xlim(-0.6, 0.6)
+        ax.set_ylim(-0.6, 0.6)
+        ax.set_aspect("equal")
+        ax.set_title(f"test task {t}", fontsize=9)
+        if t == 0:
+            ax.legend(loc="lower left", fontsize=6)
+    fig.tight_layout()
+    return _figure_to_image(fig)
+
+
 def learning_curve(steps, means, cis, title: str, ylabel: str, path: str) -> None:
     """Writes a PNG of ``means`` +- ``cis`` against ``steps``."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

@@ -93,7 +93,7 @@ class Run:
     strategy: tf.distribute.Strategy
     model: keras.Model
     learner: object
-    optimizer: keras.optimizers.Optimizer
+    optimizer: keras.optimizers.Optimizer | None
     step: tf.Variable
     manager: tf.train.CheckpointManager
 
@@ -114,20 +114,25 @@ def build(config: Config, workdir: str, overwrite: bool = False, model=None,
         model = model if isinstance(model, keras.Model) else get_model(config, model_fn=model_fn)
         learner = build_learner(config, model)
         optimizer = make_optimizer(config)
-        optimizer.build(learner.meta_variables)
+        if optimizer is not None:
+            optimizer.build(learner.meta_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     # After the model and learner are built: a model that cannot be built or run exactly
     # stops the run before anything is written to the workdir.
     if write_config:
         checkpointing.prepare_workdir(workdir, config, overwrite)
     # The learner holds the algorithm's own meta-parameters (learned rates, ...).
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, learner=learner)
+    objects = dict(model=model, step=step, learner=learner)
+    if optimizer is not None:   # TRPO keeps no optimizer state
+        objects["optimizer"] = optimizer
+    ckpt = tf.train.Checkpoint(**objects)
     manager = checkpointing.make_manager(ckpt, os.path.join(workdir, "checkpoints"))
     return Run(config, workdir, strategy, model, learner, optimizer, step, manager)
 
 
 EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "data_dir",
-                  "data_source", "strategy", "cpu_devices", "jit_compile")
+                  "data_source", "strategy", "cpu_devices", "jit_compile", "eval_trajectories",
+                  "eval_later_inner_lr")
 
 
 def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
@@ -151,6 +156,9 @@ def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
         r = build(config, workdir, model=model, write_config=False)
         if checkpointing.restore_or_init(r.manager) is None:
             raise ConfigError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+        if config.is_rl:
+            from maml_tf.rl import loop
+            return loop.final_evaluation(r, name=results_name(config, int(r.step.numpy())))
         _preflight(r)
         step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
                                          config.jit_compile)
@@ -187,10 +195,13 @@ def _with_model(config: Config, model) -> tuple[Config, object]:
     return dataclasses.replace(config, model=spec), model
 
 
-def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+def make_optimizer(config: Config) -> keras.optimizers.Optimizer | None:
     """The outer optimizer and its learning-rate schedule over ``num_iterations``: constant,
     linear to 0 (Reptile's annealed epsilon) or cosine to ``min_meta_lr`` (MAML++ CA). The
-    schedule reads the optimizer's own iteration counter, which checkpoints restore."""
+    schedule reads the optimizer's own iteration counter, which checkpoints restore. None
+    for TRPO, whose update ``maml_tf.rl`` computes."""
+    if config.meta_optimizer == "trpo":
+        return None
     lr = config.meta_lr
     horizon = max(config.num_iterations, 1)
     if config.meta_lr_schedule == "linear":
@@ -392,6 +403,9 @@ def run(config: Config, workdir: str, overwrite: bool = False, model=None) -> di
 def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignals) -> dict:
     # -- 1. Set-up --------------------------------------------------------------------
     r = build(config, workdir, overwrite, model)
+    if r.config.is_rl:
+        from maml_tf.rl import loop
+        return loop.run(r, stop, RunInterrupted, NonFiniteError)
     config = r.config
     workdir = r.workdir
     splits = data_lib.describe_splits(config)
@@ -491,6 +505,9 @@ def _load_history(workdir: str, start: int) -> list:
 def results_name(config: Config, step: int) -> str:
     """The results file of an evaluation by ``maml_tf.evaluate``, named by its protocol, so
     that evaluating again with other settings never overwrites another result."""
+    if config.is_rl:
+        return (f"results-step{step}-{config.eval_tasks}tasks-{config.test_inner_steps}steps-"
+                f"{config.eval_trajectories}trajectories-seed{config.eval_seed}")
     shots = "_".join(str(s) for s in config.test_shots)
     return (f"results-step{step}-{config.eval_tasks}tasks-{config.test_inner_steps}steps-"
             f"{shots}shot-{config.queries}queries-seed{config.eval_seed}")

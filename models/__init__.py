@@ -29,6 +29,9 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
         fn = model_fn or load_model_fn(config.model)
         return build_user_model(fn, input_shape(config), num_outputs(config), dtype)
     shape = input_shape(config)
+    if config.is_rl:
+        from maml_tf.rl.policy import gaussian_mlp
+        return gaussian_mlp(shape[0], num_outputs(config) // 2, dtype=dtype)
     if config.algorithm == "cnp":
         # The CNP's decoder: (x, representation) -> (mean, scale); the learner builds the encoder.
         from maml_tf.algorithms.cnp import REPRESENTATION
@@ -52,12 +55,22 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
 def input_shape(config) -> tuple[int, ...]:
     """One example's shape as the network sees it: ``(1,)`` for sinusoid (CAVIA appends its
     ``context_dim`` context entries), ``(H, W, C)`` for images."""
+    if config.is_rl:
+        # A policy's observation; an oracle also observes its task (the goal).
+        from maml_tf.rl.envs import spec
+        env = spec(config.dataset)
+        return (env.observation_dim + (env.task_dim if config.oracle else 0),)
     if config.is_regression:
         return (1 + (config.context_dim if config.algorithm == "cavia" else 0),)
     return tuple(config.image_shape)
 
 
 def num_outputs(config) -> int:
+    """Outputs of the network: 1 (sinusoid), way (classification), or a policy's action
+    mean and log-std (``2 * action_dim``)."""
+    if config.is_rl:
+        from maml_tf.rl.envs import spec
+        return 2 * spec(config.dataset).action_dim
     return 1 if config.is_regression else config.way
 
 

@@ -57,10 +57,14 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
     num_classes: training classes for the pre-training baseline on images (None reads the
     training split's class count).
     """
+    if config.is_rl:
+        from maml_tf.rl.policy import reinforce_loss
+        loss, metric = reinforce_loss, None
+    else:
+        loss = "mse" if config.is_regression else "cross_entropy"
+        metric = None if config.is_regression else "accuracy"
     kwargs = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                  first_order=config.first_order,
-                  loss="mse" if config.is_regression else "cross_entropy",
-                  metric=None if config.is_regression else "accuracy",
+                  first_order=config.first_order, loss=loss, metric=metric,
                   recompute=config.inner_recompute,
                   compute_dtype=None if config.precision == "float32" else config.precision,
                   inner_optimizer=config.inner_optimizer, allow_inexact=config.allow_inexact)
@@ -94,6 +98,10 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
                            **kwargs)
     if algorithm == "relation":
         return RelationNet(model, way=config.way, hidden=config.relation_hidden, **kwargs)
+    if algorithm == "pretrain" and config.is_rl:
+        # A policy trained on all tasks jointly (no inner step in meta-training), then
+        # fine-tuned at test by the same policy-gradient inner steps.
+        return MetaLearner(model, **kwargs)
     if algorithm == "pretrain":
         if not config.is_regression and num_classes is None:
             from maml_tf import data as data_lib
