@@ -51,27 +51,36 @@ def split_images(config, split: str):
                          split, rotations)
 
 
+def queries_of(config, split: str) -> int:
+    """Queries per class (points per sinusoid task): ``--query`` in training, the evaluation
+    protocol's ``--eval_queries`` (default: the same) for validation and test tasks."""
+    return config.queries if split == "train" else config.test_queries
+
+
 def check_split(config, split: str, shot: int) -> None:
     """Raises ``DataError`` if ``split`` cannot give ``config.way``-way tasks of ``shot`` shots
-    and ``config.queries`` queries per class (checked before training, not at the first
-    validation hours later)."""
+    and its queries per class (checked before training, not at the first validation hours
+    later)."""
     if config.is_regression:
         return
     array = split_images(config, split)
-    if array.shape[0] < config.way or array.shape[1] < shot + config.queries:
+    queries = queries_of(config, split)
+    if array.shape[0] < config.way or array.shape[1] < shot + queries:
         raise DataError(
             f"The {split} split of {config.dataset} has {array.shape[0]} classes of "
             f"{array.shape[1]} images, too few for --way={config.way} with {shot} shots + "
-            f"{config.queries} queries per class; lower --way, --shot, --eval_shots or --query.")
+            f"{queries} queries per class; lower --way, --shot, --eval_shots, --query or "
+            "--eval_queries.")
 
 
 def _task_fn(config, split: str, shot: int, stream: int):
+    queries = queries_of(config, split)
     if config.is_regression:
-        return lambda i: sinusoid.sample_task(stream, i, shot, config.queries)
+        return lambda i: sinusoid.sample_task(stream, i, shot, queries)
     check_split(config, split, shot)
     array = split_images(config, split)
     images = tf.constant(array)
-    return lambda i: few_shot.sample_task(images, stream, i, config.way, shot, config.queries,
+    return lambda i: few_shot.sample_task(images, stream, i, config.way, shot, queries,
                                           shuffle_support=config.shuffled_support)
 
 

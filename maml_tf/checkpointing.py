@@ -23,7 +23,8 @@ from maml_tf.config import Config, ConfigError
 # Keys that may change when a run is resumed (a longer schedule, more logging).
 RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
-                  "data_source", "inner_recompute", "cpu_devices", "task_chunks"}
+                  "data_source", "inner_recompute", "cpu_devices", "task_chunks",
+                  "eval_mode", "eval_queries"}
 
 
 LOCK_NAME = ".lock"

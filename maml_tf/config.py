@@ -45,6 +45,8 @@ ROTATIONS = ("augment", "none")
 ON_NAN = ("fail", "skip")
 PRECISIONS = ("float32", "bfloat16", "float16")
 NORMS = ("batch", "layer", "none")
+# How evaluation normalises the queries (meta_learner.EVAL_MODES, README "Evaluation modes").
+EVAL_MODES = ("transductive", "support", "per_example")
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,8 @@ class Config:
     shot: int = 1
     query: int = 0
     eval_shots: tuple[int, ...] = ()
+    eval_queries: int = 0
+    eval_mode: str = "transductive"
     inner_steps: int = 1
     inner_optimizer: str = "sgd"
     inner_recompute: bool = False
@@ -179,6 +183,11 @@ class Config:
         return 10 if self.is_regression else self.shot
 
     @property
+    def test_queries(self) -> int:
+        """Queries per class (points per sinusoid task) of the validation and test tasks."""
+        return self.eval_queries or self.queries
+
+    @property
     def test_inner_steps(self) -> int:
         if not self.has_inner_loop:
             return 0
@@ -256,6 +265,8 @@ class Config:
         _choice("on_nan", self.on_nan, ON_NAN)
         _choice("precision", self.precision, PRECISIONS)
         _choice("norm", self.norm, NORMS)
+        _choice("eval_mode", self.eval_mode, EVAL_MODES)
+        _at_least("eval_queries", self.eval_queries, 0, "(0: the same as --query)")
         _choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         _choice("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
         _choice("meta_lr_schedule", self.meta_lr_schedule, LR_SCHEDULES)
@@ -423,6 +434,18 @@ class Config:
             if getattr(self, name) != defaults[name].default and self.algorithm != owner:
                 raise ConfigError(f"--{name} is a switch of --algorithm={owner} (got "
                                   f"--algorithm={self.algorithm}): drop it or change algorithm.")
+        if self.eval_mode == "support" and (not self.has_inner_loop or self.algorithm == "anil"):
+            raise ConfigError(f"--eval_mode=support normalises each task's queries with the "
+                              f"statistics of the adapted network on its support set; "
+                              f"--algorithm={self.algorithm} does not predict its queries "
+                              "from a network adapted as a whole (ANIL embeds them with the "
+                              "fixed body): use --eval_mode=per_example (or transductive).")
+        if self.eval_mode == "support" and self.bnrs:
+            raise ConfigError("--bnrs normalises queries with MAML++'s running statistics, so "
+                              "--eval_mode=support would not apply: use --eval_mode=per_example.")
+        if self.is_rl and (self.eval_mode != "transductive" or self.eval_queries):
+            raise ConfigError("--eval_mode and --eval_queries are few-shot evaluation settings; "
+                              "a policy has no queries: drop them.")
         if self.cpu_devices and self.strategy == "default":
             raise ConfigError(f"--cpu_devices={self.cpu_devices} splits the CPU into replicas for "
                               "--strategy=mirrored; with the default strategy it does nothing: "

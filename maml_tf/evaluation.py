@@ -15,15 +15,15 @@ from maml_tf.models.functional import inference
 
 
 def make_eval_step(learner: MetaLearner, steps: int, strategy: tf.distribute.Strategy,
-                   jit_compile: bool):
+                   jit_compile: bool, mode: str = "transductive"):
     """Returns ``fn(distributed_episode) -> (loss [T, S+1], accuracy [T, S+1] or None)``,
-    gathered over replicas."""
+    gathered over replicas. mode: how queries are normalised (``meta_learner.EVAL_MODES``)."""
 
     @tf.function(jit_compile=jit_compile)
     def adapt_and_score(weights, episode):
         # Traced in inference mode: dropout off (batch norm keeps per-task statistics).
         with inference():
-            m = learner.eval_metrics(weights, episode, steps)
+            m = learner.eval_metrics_in_mode(weights, episode, steps, mode)
         return m.loss, (m.accuracy if m.accuracy is not None else tf.zeros_like(m.loss))
 
     def replica_fn(episode):

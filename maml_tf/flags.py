@@ -45,6 +45,12 @@ flags.DEFINE_integer("shot", _D.shot, "Support examples per class (K), or suppor
                      "per sinusoid task.")
 flags.DEFINE_integer("query", _D.query, "Query examples per class (0: same as shot), or "
                      "query points per sinusoid task (0: 10).")
+flags.DEFINE_integer("eval_queries", _D.eval_queries, "Query examples per class (points per "
+                     "sinusoid task) of the validation and test tasks (0: the same as --query).")
+flags.DEFINE_enum("eval_mode", _D.eval_mode, C.EVAL_MODES, "How evaluation normalises the "
+                  "queries: 'transductive' (batch statistics of all of a task's queries, the "
+                  "paper's protocol), 'support' (the adapted network's statistics on the "
+                  "task's support set) or 'per_example' (each query predicted alone).")
 flags.DEFINE_list("eval_shots", list(_D.eval_shots), "Shots to evaluate at (default: --shot).")
 
 # -- model and algorithm -----------------------------------------------------------------

@@ -13,6 +13,7 @@ query ``[T, N_q, ...]``.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Callable, Sequence
 
 import tensorflow as tf
@@ -21,7 +22,17 @@ import keras
 
 from maml_tf import losses
 from maml_tf.data.episode import Episode
-from maml_tf.models.functional import FunctionalModel, inference, tile_for_tasks
+from maml_tf.models.functional import (FunctionalModel, inference, norm_statistics,
+                                       tile_for_tasks)
+from maml_tf.models.layers import PerTaskStats
+
+# How evaluation normalises a task's queries (``MetaLearner.eval_metrics_in_mode``):
+# "transductive": each forward pass on the queries uses the statistics of the whole query batch
+#   (the paper's protocol; batch norm then sees every query of the task at once);
+# "support": the queries are normalised with the statistics of the adapted network on the
+#   task's support set only (learners that adapt a network by gradient steps);
+# "per_example": each query is predicted on its own, as if it were the task's only query.
+EVAL_MODES = ("transductive", "support", "per_example")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +133,7 @@ class MetaLearner(tf.Module):
                              "would draw new dropout masks: use one of recompute and Dropout.")
         self.extra: list[tf.Variable] = []
         self.state: list[tf.Variable] = []
+        self._eval_mode = None   # set by eval_metrics_in_mode while it traces
 
     # -- the public API -----------------------------------------------------------------
     def adapt(self, support_x, support_y, steps: int | None = None,
@@ -161,6 +173,58 @@ class MetaLearner(tf.Module):
         with inference():
             return self.eval_metrics(self.meta_weights(), episode,
                                      self.inner_steps if steps is None else steps)
+
+    def eval_metrics_in_mode(self, weights: Sequence[tf.Tensor], episode: Episode, steps: int,
+                             mode: str = "transductive") -> StepMetrics:
+        """``eval_metrics`` with the queries normalised as ``mode`` says (``EVAL_MODES``).
+
+        ``per_example``: learners whose queries pass ``query_metrics`` (the MAML family) predict
+        each query alone at the adapted weights; the others (embedding and black-box learners)
+        are evaluated on episodes of one query each, with the task's support set, and each
+        task's metrics are the mean over its queries. ``support``: the MAML family only.
+        """
+        if mode not in EVAL_MODES:
+            raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}.")
+        if mode == "transductive":
+            return self.eval_metrics(weights, episode, steps)
+        if not self.queries_pass_query_metrics:
+            if mode == "support":
+                raise ValueError(f"The support evaluation mode normalises queries with the "
+                                 f"adapted network's support statistics; {type(self).__name__} "
+                                 "adapts no network by gradient steps: use per_example.")
+            return _per_query(lambda ep: self.eval_metrics(weights, ep, steps), episode)
+        self._eval_mode = types.SimpleNamespace(mode=mode, support_x=episode.support_x)
+        try:
+            return self.eval_metrics(weights, episode, steps)
+        finally:
+            self._eval_mode = None
+
+    def predict_queries(self, episode: Episode, steps: int | None = None,
+                        mode: str = "transductive") -> tf.Tensor:
+        """The outputs ``[T, N_q, ...]`` on the queries after ``steps`` inner steps (default
+        ``inner_steps``) on each task's support set, normalised as ``mode`` says; evaluation
+        mode, no second-order path. For the learners that adapt a network by gradient steps."""
+        if not self.queries_pass_query_metrics:
+            raise ValueError(f"{type(self).__name__} does not predict queries from adapted "
+                             "fast weights; use evaluate().")
+        steps = self.inner_steps if steps is None else steps
+        weights = self.meta_weights()
+        with inference():
+            fast = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
+                                   first_order=True)[-1]
+            self._eval_mode = types.SimpleNamespace(mode=mode, support_x=episode.support_x)
+            try:
+                return self.query_outputs(fast, episode.query_x, self.split(weights)[1], steps)
+            finally:
+                self._eval_mode = None
+
+    @property
+    def queries_pass_query_metrics(self) -> bool:
+        """Whether evaluation computes query outputs through ``query_metrics`` (the learners
+        that adapt a network by gradient steps), where the ``support`` and per-query
+        ``per_example`` modes apply."""
+        cls = type(self)
+        return cls.eval_metrics is MetaLearner.eval_metrics and cls.meta_loss is MetaLearner.meta_loss
 
     def eval_metrics(self, weights: Sequence[tf.Tensor], episode: Episode,
                      steps: int) -> StepMetrics:
@@ -309,9 +373,28 @@ class MetaLearner(tf.Module):
                       extra: Sequence[tf.Tensor] = (),
                       step: int = 0) -> tuple[tf.Tensor, tf.Tensor | None]:
         """Per-task query loss ``[T]`` and metric ``[T]`` (or None) at fast weights ``params``."""
-        out = self.forward_at(params, x, extra, step)
+        out = self.query_outputs(params, x, extra, step)
         metric = self.metric_fn(out, y) if self.metric_fn is not None else None
         return self.loss_fn(out, y), metric
+
+    def query_outputs(self, params: list[tf.Tensor], x: tf.Tensor, extra: Sequence[tf.Tensor],
+                      step: int) -> tf.Tensor:
+        """Outputs ``[T, N_q, ...]`` on the queries at fast weights ``params``, normalised as the
+        evaluation mode says (transductive outside ``eval_metrics_in_mode``)."""
+        mode = getattr(self, "_eval_mode", None)
+        if mode is None or mode.mode == "transductive":
+            return self.forward_at(params, x, extra, step)
+        if mode.mode == "per_example":
+            # Each query as a task of its own, with its task's fast weights.
+            t, n = x.shape[0], x.shape[1]
+            singles = tf.reshape(x, [t * n, 1] + x.shape.as_list()[2:])
+            out = self.forward_at([tf.repeat(p, n, axis=0) for p in params], singles, extra, step)
+            return tf.reshape(out, [t, n] + out.shape.as_list()[2:])
+        stats = PerTaskStats()
+        with norm_statistics(collect=stats):
+            self.forward_at(params, mode.support_x, extra, step)
+        with norm_statistics(stats=list(stats)):
+            return self.forward_at(params, x, extra, step)
 
     def objective(self, step_losses: list[tf.Tensor], iteration: tf.Tensor | None) -> tf.Tensor:
         """The meta-loss from per-task query losses (a list of ``[T]``, after 0..S steps):
@@ -376,6 +459,19 @@ class MetaLearner(tf.Module):
 
     def update_state(self, values: list[tf.Tensor]) -> None:
         """Folds a meta-batch's ``StepMetrics.state_update`` into ``state`` (train step)."""
+
+
+def _per_query(evaluate: Callable, episode: Episode) -> StepMetrics:
+    """``evaluate`` on T x N_q episodes of one query each (the task's support set repeated),
+    then each task's metrics averaged over its queries."""
+    t, n = episode.query_x.shape[0], episode.query_x.shape[1]
+    rep = lambda a: None if a is None else tf.repeat(a, n, axis=0)   # noqa: E731
+    one = lambda a: tf.reshape(a, [t * n, 1] + a.shape.as_list()[2:])   # noqa: E731
+    m = evaluate(Episode(rep(episode.support_x), rep(episode.support_y), one(episode.query_x),
+                         one(episode.query_y), rep(episode.classes)))
+    mean = lambda v: None if v is None else tf.reduce_mean(   # noqa: E731
+        tf.reshape(v, [t, n] + v.shape.as_list()[1:]), axis=1)
+    return StepMetrics(mean(m.loss), mean(m.accuracy))
 
 
 def _stack(losses: list[tf.Tensor], metrics: list) -> StepMetrics:

@@ -130,7 +130,8 @@ def build(config: Config, workdir: str, overwrite: bool = False, model=None,
     return Run(config, workdir, strategy, model, learner, optimizer, step, manager)
 
 
-EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "data_dir",
+EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "eval_queries",
+                  "eval_mode", "data_dir",
                   "data_source", "strategy", "cpu_devices", "jit_compile", "eval_trajectories",
                   "eval_later_inner_lr")
 
@@ -161,7 +162,7 @@ def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
             return loop.final_evaluation(r, name=results_name(config, int(r.step.numpy())))
         _preflight(r)
         step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
-                                         config.jit_compile)
+                                         config.jit_compile, config.eval_mode)
         return final_evaluation(r, step, name=results_name(config, int(r.step.numpy())))
 
 
@@ -424,7 +425,7 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
     # -- 4. Compiled steps ----------------------------------------------------------------
     train_step = make_train_step(r)
     eval_step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
-                                          config.jit_compile)
+                                          config.jit_compile, config.eval_mode)
     # -- 5. Loop --------------------------------------------------------------------------
     history = _load_history(workdir, start)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
@@ -510,7 +511,7 @@ def results_name(config: Config, step: int) -> str:
                 f"{config.eval_trajectories}trajectories-seed{config.eval_seed}")
     shots = "_".join(str(s) for s in config.test_shots)
     return (f"results-step{step}-{config.eval_tasks}tasks-{config.test_inner_steps}steps-"
-            f"{shots}shot-{config.queries}queries-seed{config.eval_seed}")
+            f"{shots}shot-{config.test_queries}queries-{config.eval_mode}-seed{config.eval_seed}")
 
 
 def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int = 0,
@@ -535,7 +536,8 @@ def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int =
             "dataset": config.dataset, "split": config.split if not config.is_regression else None,
             "algorithm": config.algorithm, "model": config.model,
             "way": None if config.is_regression else config.way,
-            "shots": list(config.test_shots), "queries": config.queries,
+            "shots": list(config.test_shots), "queries": config.test_queries,
+            "eval_mode": config.eval_mode,
             "queries_are": "points per task" if config.is_regression else "examples per class",
             "inner_steps": config.test_inner_steps,
             "train_inner_steps": train_inner_steps(config), "inner_lr": config.inner_lr,
@@ -547,6 +549,14 @@ def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int =
             "index": INDEX_LEGEND[r.learner.metric_axis],
             "loss": metric,
             "accuracy": "fraction of query examples classified correctly",
+            "eval_mode": {
+                "transductive": "each task's queries were predicted together: batch norm used "
+                                "the statistics of the whole query batch (the paper's protocol)",
+                "support": "queries were normalised with the statistics of the adapted network "
+                           "on the task's support set only; a query's prediction does not depend "
+                           "on the other queries",
+                "per_example": "each query was predicted on its own, as the task's only query"
+            }[config.eval_mode],
             "mean": "mean over num_tasks fixed test tasks",
             "ci95": "half-width of the 95% confidence interval: 1.96 * std / sqrt(num_tasks) "
                     "(std with ddof=0, as cbfinn/maml)",

@@ -42,6 +42,25 @@ from maml_tf.models import layers as L
 _MODE = types.SimpleNamespace(training=True)
 
 
+# Batch-norm statistics that forward passes use or collect when not given explicitly: the
+# ``support`` evaluation mode collects them from each task's support set and normalises its
+# queries with them, through any learner's forward pass (``norm_statistics``).
+_NORM = types.SimpleNamespace(stats=None, collect=None)
+
+
+@contextlib.contextmanager
+def norm_statistics(stats=None, collect=None):
+    """Within this context, forward passes that are not given ``norm_stats`` / ``collect``
+    use ``stats`` (per batch-norm call, ``(mean, var)`` each ``[C]`` or ``[T, C]``) instead of
+    batch statistics, or append each batch norm's statistics to ``collect``."""
+    previous = (_NORM.stats, _NORM.collect)
+    _NORM.stats, _NORM.collect = stats, collect
+    try:
+        yield
+    finally:
+        _NORM.stats, _NORM.collect = previous
+
+
 @contextlib.contextmanager
 def inference():
     """Within this context models run with ``training=False``: dropout is off. (Batch
@@ -280,6 +299,8 @@ class FunctionalModel:
         applied to that layer's output ``[T, N, ...]`` (CAVIA's FiLM).
         """
         training = _MODE.training if training is None else training
+        if norm_stats is None and collect is None:
+            norm_stats, collect = _NORM.stats, _NORM.collect
         if self._root is None:
             if norm_stats is not None or collect is not None or after:
                 raise ValueError("norm_stats / collect / after need a model whose graph can be "
@@ -385,7 +406,7 @@ class LayerStack:
     def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool | None = None,
               **_) -> tf.Tensor:
         training = _MODE.training if training is None else training
-        return _Run(self._index, params, training).run(self._root, x)
+        return _Run(self._index, params, training, _NORM.stats, _NORM.collect).run(self._root, x)
 
 
 def inexact_message(problems: list[str]) -> str:

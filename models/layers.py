@@ -119,23 +119,38 @@ def pool2d(x, window, strides, padding, kind):
     return total / count
 
 
+class PerTaskStats(list):
+    """A ``collect`` list that receives each batch norm's statistics per task, ``(mean [T, C],
+    var [T, C])``, instead of averaged over tasks (the ``support`` evaluation mode normalises
+    each task's queries with its own support set's statistics)."""
+
+
 def normalize(x, axes, gamma, beta, epsilon, stats=None, collect=None):
     """``(x - mean) / sqrt(var + epsilon) * gamma + beta`` over ``axes``, with the variance
     taken with the mean *inside* the gradient (no ``stop_gradient``), which second-order
     meta-gradients need. ``gamma`` / ``beta`` broadcast against x (None: 1 / 0).
 
-    stats: optional ``(mean [C], var [C])`` over the last axis, used instead of the batch's
-    own (running statistics); collect: a list that receives this call's batch
-    ``(mean [C], var [C])`` over the last axis, averaged over tasks.
+    stats: optional ``(mean, var)``, each ``[C]`` (shared by all tasks: running statistics) or
+    ``[T, C]`` (one per task), used instead of the batch's own; collect: a list that receives
+    this call's batch ``(mean [C], var [C])`` over the last axis, averaged over tasks (a
+    ``PerTaskStats`` list: ``[T, C]`` each, not averaged).
     """
     if stats is not None:
-        mean, var = (tf.cast(tf.reshape(s, [1] * (x.shape.rank - 1) + [-1]), x.dtype)
-                     for s in stats)
+        def shaped(s):
+            s = tf.cast(s, x.dtype)
+            lead = [tf.shape(s)[0]] if s.shape.rank == 2 else [1]
+            return tf.reshape(s, lead + [1] * (x.shape.rank - 2) + [-1])
+        mean, var = shaped(stats[0]), shaped(stats[1])
         centred = x - mean
     else:
         centred = x - tf.reduce_mean(x, axis=axes, keepdims=True)
         var = tf.reduce_mean(tf.square(centred), axis=axes, keepdims=True)
-    if collect is not None:
+    if isinstance(collect, PerTaskStats):
+        if stats is not None:
+            raise ValueError("Per-task statistics are collected from a batch's own statistics.")
+        collect.append((tf.reduce_mean(tf.stop_gradient(x), axis=axes),
+                        tf.reduce_mean(tf.stop_gradient(var), axis=axes)))
+    elif collect is not None:
         reduce = list(range(x.shape.rank - 1))
         collect.append((tf.reduce_mean(tf.stop_gradient(x), axis=reduce),
                         tf.reduce_mean(tf.stop_gradient(var), axis=reduce)))

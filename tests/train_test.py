@@ -249,7 +249,7 @@ def test_evaluation_never_changes_the_run_and_names_its_own_results(tmp_path):
     same = train_loop.results_name(smoke(), 4)
     again = json.load(open(os.path.join(workdir, same + ".json")))
     assert again["test"] == json.loads(json.dumps(first))
-    other = json.load(open(os.path.join(workdir, "results-step4-6tasks-3steps-5shot-10queries-seed1234.json")))
+    other = json.load(open(os.path.join(workdir, "results-step4-6tasks-3steps-5shot-10queries-transductive-seed1234.json")))
     assert other["protocol"]["inner_steps"] == 3 and other["protocol"]["num_tasks"] == 6
     assert len(other["test"]["5shot"]["loss"]["mean"]) == 4 and set(other["test"]) == {"5shot"}
     assert _values(os.path.join(workdir, "eval"), "test_5shot/loss/step_2") == [4]
