@@ -64,7 +64,7 @@ def _write_returns(prefix: str, summary: dict, step: int) -> None:
         tf.summary.scalar(f"{prefix}/return_ci95/step_{k}", ci, step=step)
 
 
-def _picture(meta: MetaRL, config: Config, tasks, kept, step: int) -> None:
+def _picture(config: Config, tasks, kept, step: int) -> None:
     if config.dataset == "navigation_2d":
         tf.summary.image("trajectories", plots.navigation_image(tasks, kept), step=step)
 
@@ -133,7 +133,7 @@ def run(r, stop, interrupted, nonfinite) -> dict:
                 summary, tasks_v, kept = evaluate_split(meta, config, "val", config.val_tasks,
                                                         keep_trajectories=True)
                 _write_returns("val", summary, step)
-                _picture(meta, config, tasks_v, kept, step)
+                _picture(config, tasks_v, kept, step)
                 ret = summary["return"]
                 history.append({"step": step, "return": ret["mean"][-1],
                                 "return_ci95": ret["ci95"][-1]})
@@ -161,7 +161,7 @@ def final_evaluation(r, meta: MetaRL | None = None, train_seconds: float = 0.0,
     events = os.path.join(r.workdir, "eval", "" if name == "results" else name)
     with tf.summary.create_file_writer(events).as_default():
         _write_returns("test", summary, step)
-        _picture(meta, config, tasks, kept, step)
+        _picture(config, tasks, kept, step)
     results = {
         "protocol": {
             "dataset": config.dataset, "algorithm": config.algorithm, "model": config.model,

@@ -67,6 +67,10 @@ class Batch(NamedTuple):
 
 
 class MetaRL:
+    """Policy-gradient meta-learning with ``learner`` on the tasks of ``env`` (see the module
+    docstring). ``jit_compile`` compiles adaptation, the surrogate and its derivatives with
+    XLA; rollouts of a TensorFlow environment always run as one compiled graph."""
+
     def __init__(self, learner: MetaLearner, env, settings: RLSettings = RLSettings(),
                  jit_compile: bool = False):
         self.learner, self.env, self.settings = learner, env, settings
@@ -87,14 +91,12 @@ class MetaRL:
         net, extra = self.learner.split(weights)
         return self.learner.initial_fast_weights(net, num_tasks, extra)
 
-    def _policy(self, fast, extra, step):
-        return lambda obs: self.learner.forward_at(list(fast), obs, extra, step)
-
     # The RL learners run the same network at every inner step (no per-step weights as
     # MAML++'s), so policies are evaluated with step 0.
     def _rollout_graph_fn(self, fast, extra, tasks, seed, num_trajectories):
-        return rollout_in_graph(self.env, self._policy(fast, extra, 0), tasks,
-                                num_trajectories, seed, self.settings.oracle, self.horizon)
+        policy = lambda obs: self.learner.forward_at(list(fast), obs, extra, 0)  # noqa: E731
+        return rollout_in_graph(self.env, policy, tasks, num_trajectories, seed,
+                                self.settings.oracle, self.horizon)
 
     def _policy_out_fn(self, fast, extra, obs):
         return self.learner.forward_at(list(fast), obs, extra, 0)
@@ -136,7 +138,7 @@ class MetaRL:
         post-update trajectories. seeds ``[2, 2]``: the two rollouts' stateless seeds.
         Returns the outer loop's ``Batch`` and the mean returns before and after."""
         s = self.settings
-        net, extra = self.learner.split(weights)
+        extra = self.learner.split(weights)[1]
         num_tasks = tasks.shape[0]
         fast0 = self.initial_fast_weights(weights, num_tasks)
         pre = self.rollout(fast0, extra, tasks, seeds[0], s.trajectories)
