@@ -237,19 +237,22 @@ def test_meta_training_makes_adaptation_pay_off_and_checkpoints_round_trip(tmp_p
 @pytest.mark.isolated
 def test_every_rl_learner_trains_and_resumes(tmp_path):
     # First order, Meta-SGD (learned per-parameter step sizes), the pre-trained and the oracle
-    # baselines, and Adam as the outer optimizer, two iterations each; then resuming.
+    # baselines, and Adam as the outer optimizer, two iterations each; then resuming. (Without
+    # XLA: the test above compiles the same functions with it.)
     for name, kw in [("fomaml", dict(algorithm="fomaml")), ("metasgd", dict(algorithm="metasgd")),
                      ("pretrain", dict(algorithm="pretrain")),
                      ("oracle", dict(algorithm="pretrain", oracle=True)),
                      ("adam", dict(meta_optimizer="adam", meta_lr=0.01))]:
         config = _config(num_iterations=2, eval_tasks=2, val_tasks=2, eval_every=2,
-                         trajectories=3, eval_trajectories=3, meta_batch_size=2, horizon=10, **kw)
+                         trajectories=3, eval_trajectories=3, meta_batch_size=2, horizon=10,
+                         jit_compile=False, **kw)
         results = train_loop.run(config, str(tmp_path / name))
         assert results["protocol"]["checkpoint_step"] == 2, name
         assert np.all(np.isfinite(results["test"]["return"]["mean"])), name
     resumed = train_loop.run(_config(num_iterations=4, eval_tasks=2, val_tasks=2, eval_every=2,
                                      trajectories=3, eval_trajectories=3, meta_batch_size=2,
-                                     horizon=10, meta_optimizer="adam", meta_lr=0.01),
+                                     horizon=10, meta_optimizer="adam", meta_lr=0.01,
+                                     jit_compile=False),
                              str(tmp_path / "adam"))
     assert resumed["iterations_this_session"] == 2
 
