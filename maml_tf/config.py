@@ -434,12 +434,14 @@ class Config:
             if getattr(self, name) != defaults[name].default and self.algorithm != owner:
                 raise ConfigError(f"--{name} is a switch of --algorithm={owner} (got "
                                   f"--algorithm={self.algorithm}): drop it or change algorithm.")
-        if self.eval_mode == "support" and (not self.has_inner_loop or self.algorithm == "anil"):
+        if self.eval_mode == "support" and self.algorithm in ("anil", "cnp", "relation"):
             raise ConfigError(f"--eval_mode=support normalises each task's queries with the "
-                              f"statistics of the adapted network on its support set; "
-                              f"--algorithm={self.algorithm} does not predict its queries "
-                              "from a network adapted as a whole (ANIL embeds them with the "
-                              "fixed body): use --eval_mode=per_example (or transductive).")
+                              f"network's statistics on its support set; --algorithm="
+                              f"{self.algorithm} does not run its queries through such a "
+                              "network alone (ANIL's fixed body embeds them; the CNP has no "
+                              "batch norm; a Relation Network's relation module normalises "
+                              "the pairs of all queries together): use --eval_mode=per_example "
+                              "(or transductive).")
         if self.eval_mode == "support" and self.bnrs:
             raise ConfigError("--bnrs normalises queries with MAML++'s running statistics, so "
                               "--eval_mode=support would not apply: use --eval_mode=per_example.")

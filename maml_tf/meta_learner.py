@@ -181,17 +181,19 @@ class MetaLearner(tf.Module):
         ``per_example``: learners whose queries pass ``query_metrics`` (the MAML family) predict
         each query alone at the adapted weights; the others (embedding and black-box learners)
         are evaluated on episodes of one query each, with the task's support set, and each
-        task's metrics are the mean over its queries. ``support``: the MAML family only.
+        task's metrics are the mean over its queries. ``support``: the MAML family (the adapted
+        network's statistics) and the embedding learners (the body's statistics on the
+        support set); not ANIL or the CNP.
         """
         if mode not in EVAL_MODES:
             raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}.")
         if mode == "transductive":
             return self.eval_metrics(weights, episode, steps)
-        if not self.queries_pass_query_metrics:
-            if mode == "support":
-                raise ValueError(f"The support evaluation mode normalises queries with the "
-                                 f"adapted network's support statistics; {type(self).__name__} "
-                                 "adapts no network by gradient steps: use per_example.")
+        if mode == "support" and not self.normalises_queries_with_support:
+            raise ValueError(f"The support evaluation mode normalises queries with the "
+                             f"network's statistics on the support set; {type(self).__name__} "
+                             "does not run its queries through such a network: use per_example.")
+        if mode == "per_example" and not self.queries_pass_query_metrics:
             return _per_query(lambda ep: self.eval_metrics(weights, ep, steps), episode)
         self._eval_mode = types.SimpleNamespace(mode=mode, support_x=episode.support_x)
         try:
@@ -217,6 +219,12 @@ class MetaLearner(tf.Module):
                 return self.query_outputs(fast, episode.query_x, self.split(weights)[1], steps)
             finally:
                 self._eval_mode = None
+
+    @property
+    def normalises_queries_with_support(self) -> bool:
+        """Whether the ``support`` evaluation mode applies: the queries run through the
+        (adapted) network whose support statistics can normalise them."""
+        return self.queries_pass_query_metrics
 
     @property
     def queries_pass_query_metrics(self) -> bool:

@@ -77,15 +77,30 @@ class EvalModesTest(tf.test.TestCase):
                             atol=1e-5)
         self.assertAllClose(per.accuracy, tf.reduce_mean(tf.stack([s.accuracy for s in singles]), 0),
                             atol=1e-6)
+        # Support mode: the queries' embeddings use the support set's statistics, so a query's
+        # prediction ignores the other queries.
+        other = ep._replace(query_x=tf.concat([ep.query_x[:, :1], _episode(5, queries=2).query_x[:, 1:]], 1))
+        with maml_tf.models.functional.inference():
+            learner._eval_mode = type("M", (), {"mode": "support"})()
+            try:
+                za = learner.embed_episode(weights, ep)[1]
+                zb = learner.embed_episode(weights, other)[1]
+            finally:
+                learner._eval_mode = None
+            sup = learner.eval_metrics_in_mode(weights, ep, 0, "support")
+        self.assertAllClose(za[:, 0], zb[:, 0], atol=1e-5)
+        self.assertEqual(sup.accuracy.shape, per.accuracy.shape)
         with self.assertRaisesRegex(ValueError, "use per_example"):
-            learner.eval_metrics_in_mode(weights, ep, 0, "support")
+            maml_tf.CNP(maml_tf.models.zoo.mlp(1 + 128, [8], 2)).eval_metrics_in_mode(
+                None, ep, 0, "support")
 
 
 def test_config_checks_the_mode_and_records_it():
     with pytest.raises(ConfigError, match="use --eval_mode=per_example"):
-        Config(dataset="omniglot", algorithm="protonet", eval_mode="support")
-    with pytest.raises(ConfigError, match="use --eval_mode=per_example"):
         Config(dataset="omniglot", algorithm="anil", eval_mode="support")
+    with pytest.raises(ConfigError, match="use --eval_mode=per_example"):
+        Config(dataset="omniglot", algorithm="relation", eval_mode="support")
+    Config(dataset="omniglot", algorithm="protonet", eval_mode="support")   # supported
     with pytest.raises(ConfigError, match="eval_mode"):
         Config(dataset="omniglot", eval_mode="inductive")
     c = Config(dataset="omniglot", shot=1, eval_queries=15, eval_mode="per_example")

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from maml_tf.data.episode import Episode
 from maml_tf.meta_learner import MetaLearner, StepMetrics
-from maml_tf.models.functional import tile_for_tasks
+from maml_tf.models.functional import norm_statistics, tile_for_tasks
+from maml_tf.models.layers import PerTaskStats
 
 
 class EmbeddingLearner(MetaLearner):
@@ -51,6 +52,23 @@ class EmbeddingLearner(MetaLearner):
         body = tile_for_tasks(weights[:nb], x.shape[0])
         return self.apply_in_compute_dtype(self.body, body, x)
 
+    def embed_episode(self, weights, episode: Episode) -> tuple[tf.Tensor, tf.Tensor]:
+        """(support embeddings, query embeddings). In the ``support`` evaluation mode the
+        queries are normalised with the statistics of the task's support set, so that no
+        query's embedding depends on the other queries."""
+        mode = self._eval_mode
+        if mode is None or mode.mode != "support":
+            return self.embed(weights, episode.support_x), self.embed(weights, episode.query_x)
+        stats = PerTaskStats()
+        with norm_statistics(collect=stats):
+            zs = self.embed(weights, episode.support_x)
+        with norm_statistics(stats=list(stats)):
+            return zs, self.embed(weights, episode.query_x)
+
+    @property
+    def normalises_queries_with_support(self) -> bool:
+        return True
+
     def head(self, support: tf.Tensor, support_y: tf.Tensor, query: tf.Tensor,
              extra: list[tf.Tensor]) -> tf.Tensor:
         """Query logits ``[T, N_q, way]`` from support embeddings ``[T, N_s, ...]``, their
@@ -71,8 +89,7 @@ class EmbeddingLearner(MetaLearner):
 
     def logits(self, weights, episode: Episode) -> tf.Tensor:
         """Query logits ``[T, N_q, way]`` of an episode at ``weights``."""
-        zs = self.embed(weights, episode.support_x)
-        zq = self.embed(weights, episode.query_x)
+        zs, zq = self.embed_episode(weights, episode)
         return self.head(zs, episode.support_y, zq, self.split(weights)[1])
 
 

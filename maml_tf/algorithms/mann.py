@@ -131,8 +131,7 @@ class MANN(EmbeddingLearner):
         """(support logits ``[T, N_s, way]``, each predicted before its label was shown;
         query logits ``[T, N_q, way]``, each after the whole support sequence)."""
         extra = self.split(weights)[1]
-        zs = self.embed(weights, episode.support_x)
-        zq = self.embed(weights, episode.query_x)
+        zs, zq = self.embed_episode(weights, episode)
         t, ns, nq = zs.shape[0], zs.shape[1], zq.shape[1]
         labels = tf.one_hot(episode.support_y, self.way, dtype=zs.dtype)
         previous = tf.concat([tf.zeros_like(labels[:, :1]), labels[:, :-1]], 1)

@@ -34,6 +34,11 @@ class RelationNet(EmbeddingLearner):
             relation_module(shape, hidden, tf.as_dtype(self.net.variables[0].dtype).name), strict=False)
         self.extra = list(self.relation.variables)
 
+    @property
+    def normalises_queries_with_support(self) -> bool:
+        # The relation module's batch norm sees the pairs of every query of the task at once.
+        return False
+
     def head(self, support, support_y, query, extra):
         classes, _ = class_sums(support, support_y, self.way)          # [T, way, ...]
         pairs = relation_pairs(classes, query)                          # [T, Nq, way, ..., 2C]

@@ -88,8 +88,7 @@ class SNAIL(EmbeddingLearner):
         return tf.reshape(out[:, -1], [t, nq, self.way])
 
     def eval_metrics(self, weights, episode, steps):
-        zs = self.embed(weights, episode.support_x)
-        zq = self.embed(weights, episode.query_x)
+        zs, zq = self.embed_episode(weights, episode)
         extra = self.split(weights)[1]
         ns = zs.shape[1]
         seen = instances_seen(episode.support_y, self.way)                   # [T, N_s]
