@@ -13,6 +13,8 @@ Learners (all ``MetaLearner``s: see its docstring for the shared arguments):
 optimization-based ``MAML``, ``FOMAML``, ``Reptile``, ``MetaSGD``, ``ANIL``, ``BOIL``,
 ``CAVIA``, ``IMAML``, ``MAMLPlusPlus``; metric-based ``ProtoNet``, ``R2D2``, ``MetaOptNet``,
 ``MatchingNet``, ``RelationNet``; black-box ``SNAIL``, ``CNP``; and the ``Pretrain`` baseline.
+Reinforcement learning (Gaussian policies, rollouts, TRPO) on the same learners lives in
+``maml_tf.rl``.
 """
 
 import os as _os

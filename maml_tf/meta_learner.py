@@ -29,8 +29,8 @@ from maml_tf.models.layers import PerTaskStats
 # How evaluation normalises a task's queries (``MetaLearner.eval_metrics_in_mode``):
 # "transductive": each forward pass on the queries uses the statistics of the whole query batch
 #   (the paper's protocol; batch norm then sees every query of the task at once);
-# "support": the queries are normalised with the statistics of the adapted network on the
-#   task's support set only (learners that adapt a network by gradient steps);
+# "support": the queries are normalised with the statistics of the (adapted) network on the
+#   task's support set only (the MAML family and the embedding learners);
 # "per_example": each query is predicted on its own, as if it were the task's only query.
 EVAL_MODES = ("transductive", "support", "per_example")
 
