@@ -236,11 +236,10 @@ def test_meta_training_makes_adaptation_pay_off_and_checkpoints_round_trip(tmp_p
 
 @pytest.mark.isolated
 def test_every_rl_learner_trains_and_resumes(tmp_path):
-    # First order, Meta-SGD (learned per-parameter step sizes), the pre-trained and the oracle
-    # baselines, and Adam as the outer optimizer, two iterations each; then resuming. (Without
-    # XLA: the test above compiles the same functions with it.)
+    # First order, Meta-SGD's learned per-parameter step sizes, the oracle (the pre-trained
+    # baseline observing its goal), and Adam as the outer optimizer, two iterations each; then
+    # resuming. (Without XLA: the test above compiles the same functions with it.)
     for name, kw in [("fomaml", dict(algorithm="fomaml")), ("metasgd", dict(algorithm="metasgd")),
-                     ("pretrain", dict(algorithm="pretrain")),
                      ("oracle", dict(algorithm="pretrain", oracle=True)),
                      ("adam", dict(meta_optimizer="adam", meta_lr=0.01))]:
         config = _config(num_iterations=2, eval_tasks=2, val_tasks=2, eval_every=2,
