@@ -12,6 +12,7 @@ query ``[T, N_q, ...]``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 from typing import Callable, Sequence
@@ -22,9 +23,8 @@ import keras
 
 from maml_tf import losses
 from maml_tf.data.episode import Episode
-from maml_tf.models.functional import (FunctionalModel, inference, norm_statistics,
-                                       tile_for_tasks)
-from maml_tf.models.layers import PerTaskStats
+from maml_tf.models.functional import (FunctionalModel, inference, tile_for_tasks,
+                                       with_support_statistics)
 
 # How evaluation normalises a task's queries (``MetaLearner.eval_metrics_in_mode``):
 # "transductive": each forward pass on the queries uses the statistics of the whole query batch
@@ -195,9 +195,15 @@ class MetaLearner(tf.Module):
                              "does not run its queries through such a network: use per_example.")
         if mode == "per_example" and not self.queries_pass_query_metrics:
             return _per_query(lambda ep: self.eval_metrics(weights, ep, steps), episode)
+        with self._evaluating_in(mode, episode):
+            return self.eval_metrics(weights, episode, steps)
+
+    @contextlib.contextmanager
+    def _evaluating_in(self, mode: str, episode: Episode):
+        """Within: forward passes on queries follow ``mode`` (read while tracing)."""
         self._eval_mode = types.SimpleNamespace(mode=mode, support_x=episode.support_x)
         try:
-            return self.eval_metrics(weights, episode, steps)
+            yield
         finally:
             self._eval_mode = None
 
@@ -214,11 +220,8 @@ class MetaLearner(tf.Module):
         with inference():
             fast = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
                                    first_order=True)[-1]
-            self._eval_mode = types.SimpleNamespace(mode=mode, support_x=episode.support_x)
-            try:
+            with self._evaluating_in(mode, episode):
                 return self.query_outputs(fast, episode.query_x, self.split(weights)[1], steps)
-            finally:
-                self._eval_mode = None
 
     @property
     def normalises_queries_with_support(self) -> bool:
@@ -398,11 +401,8 @@ class MetaLearner(tf.Module):
             singles = tf.reshape(x, [t * n, 1] + x.shape.as_list()[2:])
             out = self.forward_at([tf.repeat(p, n, axis=0) for p in params], singles, extra, step)
             return tf.reshape(out, [t, n] + out.shape.as_list()[2:])
-        stats = PerTaskStats()
-        with norm_statistics(collect=stats):
-            self.forward_at(params, mode.support_x, extra, step)
-        with norm_statistics(stats=list(stats)):
-            return self.forward_at(params, x, extra, step)
+        return with_support_statistics(lambda: self.forward_at(params, mode.support_x, extra, step),
+                                       lambda: self.forward_at(params, x, extra, step))[1]
 
     def objective(self, step_losses: list[tf.Tensor], iteration: tf.Tensor | None) -> tf.Tensor:
         """The meta-loss from per-task query losses (a list of ``[T]``, after 0..S steps):

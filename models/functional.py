@@ -61,6 +61,17 @@ def norm_statistics(stats=None, collect=None):
         _NORM.stats, _NORM.collect = previous
 
 
+def with_support_statistics(support_fn, query_fn):
+    """(support_fn(), query_fn()), the second run with batch norm using, per task, the
+    statistics that the first one's batch norms saw (the ``support`` evaluation mode)."""
+    from maml_tf.models.layers import PerTaskStats
+    stats = PerTaskStats()
+    with norm_statistics(collect=stats):
+        support = support_fn()
+    with norm_statistics(stats=list(stats)):
+        return support, query_fn()
+
+
 @contextlib.contextmanager
 def inference():
     """Within this context models run with ``training=False``: dropout is off. (Batch

@@ -9,8 +9,7 @@ import tensorflow as tf
 
 from maml_tf.data.episode import Episode
 from maml_tf.meta_learner import MetaLearner, StepMetrics
-from maml_tf.models.functional import norm_statistics, tile_for_tasks
-from maml_tf.models.layers import PerTaskStats
+from maml_tf.models.functional import tile_for_tasks, with_support_statistics
 
 
 class EmbeddingLearner(MetaLearner):
@@ -59,11 +58,8 @@ class EmbeddingLearner(MetaLearner):
         mode = self._eval_mode
         if mode is None or mode.mode != "support":
             return self.embed(weights, episode.support_x), self.embed(weights, episode.query_x)
-        stats = PerTaskStats()
-        with norm_statistics(collect=stats):
-            zs = self.embed(weights, episode.support_x)
-        with norm_statistics(stats=list(stats)):
-            return zs, self.embed(weights, episode.query_x)
+        return with_support_statistics(lambda: self.embed(weights, episode.support_x),
+                                       lambda: self.embed(weights, episode.query_x))
 
     @property
     def normalises_queries_with_support(self) -> bool:
