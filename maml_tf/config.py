@@ -434,14 +434,11 @@ class Config:
             if getattr(self, name) != defaults[name].default and self.algorithm != owner:
                 raise ConfigError(f"--{name} is a switch of --algorithm={owner} (got "
                                   f"--algorithm={self.algorithm}): drop it or change algorithm.")
-        if self.eval_mode == "support" and self.algorithm in ("anil", "cnp", "relation"):
-            raise ConfigError(f"--eval_mode=support normalises each task's queries with the "
-                              f"network's statistics on its support set; --algorithm="
-                              f"{self.algorithm} does not run its queries through such a "
-                              "network alone (ANIL's fixed body embeds them; the CNP has no "
-                              "batch norm; a Relation Network's relation module normalises "
-                              "the pairs of all queries together): use --eval_mode=per_example "
-                              "(or transductive).")
+        if self.eval_mode == "support" and self.algorithm == "cnp":
+            raise ConfigError("--eval_mode=support normalises each task's queries with the "
+                              "network's statistics on its support set; the CNP has no batch "
+                              "norm and decodes each query alone already: use "
+                              "--eval_mode=per_example (or transductive).")
         if self.eval_mode == "support" and self.bnrs:
             raise ConfigError("--bnrs normalises queries with MAML++'s running statistics, so "
                               "--eval_mode=support would not apply: use --eval_mode=per_example.")

@@ -95,12 +95,40 @@ class EvalModesTest(tf.test.TestCase):
                 None, ep, 0, "support")
 
 
+    def test_anil_and_relation_support_mode_ignores_the_other_queries(self):
+        keras.utils.set_random_seed(0)
+        net = lambda: zoo.conv4((12, 12, 1), 3, filters=8, blocks=2)
+        anil = maml_tf.ANIL(net(), inner_lr=0.4, inner_steps=1)
+        relation = maml_tf.RelationNet(net(), way=3)
+        a = _episode(6, queries=3)
+        b = a._replace(query_x=tf.concat([a.query_x[:, :1], _episode(7, queries=3).query_x[:, 1:]], 1))
+
+        def anil_queries(ep, mode):
+            with anil._evaluating_in(mode, ep):
+                return anil._features(anil.meta_weights(), ep)[1].query_x
+
+        def relation_scores(ep, mode):
+            w = relation.meta_weights()
+            with relation._evaluating_in(mode, ep):
+                s, q = relation.embed_episode(w, ep)
+                return relation.head(s, ep.support_y, q, relation.split(w)[1])
+
+        with maml_tf.models.functional.inference():
+            for fn in (anil_queries, relation_scores):
+                self.assertAllClose(fn(a, "support")[:, 0], fn(b, "support")[:, 0], atol=1e-5,
+                                    msg=fn.__name__)
+                # Transductive batch norm mixes the queries, so the check above can fail.
+                self.assertNotAllClose(fn(a, "transductive")[:, 0], fn(b, "transductive")[:, 0])
+            for learner in (anil, relation):
+                m = learner.eval_metrics_in_mode(learner.meta_weights(), a, 1, "support")
+                self.assertTrue(np.all(np.isfinite(m.loss)))
+
+
 def test_config_checks_the_mode_and_records_it():
     with pytest.raises(ConfigError, match="use --eval_mode=per_example"):
-        Config(dataset="omniglot", algorithm="anil", eval_mode="support")
-    with pytest.raises(ConfigError, match="use --eval_mode=per_example"):
-        Config(dataset="omniglot", algorithm="relation", eval_mode="support")
-    Config(dataset="omniglot", algorithm="protonet", eval_mode="support")   # supported
+        Config(dataset="sinusoid", algorithm="cnp", eval_mode="support")
+    for algorithm in ("protonet", "anil", "relation"):                    # supported
+        Config(dataset="omniglot", algorithm=algorithm, eval_mode="support")
     with pytest.raises(ConfigError, match="eval_mode"):
         Config(dataset="omniglot", eval_mode="inductive")
     c = Config(dataset="omniglot", shot=1, eval_queries=15, eval_mode="per_example")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from maml_tf.data.episode import Episode
 from maml_tf.meta_learner import MetaLearner
-from maml_tf.models.functional import tile_for_tasks
+from maml_tf.models.functional import tile_for_tasks, with_support_statistics
 
 
 class ANIL(MetaLearner):
@@ -21,8 +21,18 @@ class ANIL(MetaLearner):
         nb = len(self.body.variables)
         body = tile_for_tasks(weights[:nb], episode.support_x.shape[0])
         embed = lambda x: self.apply_in_compute_dtype(self.body, body, x)
-        return body, episode._replace(support_x=embed(episode.support_x),
-                                      query_x=embed(episode.query_x))
+        mode = self._eval_mode
+        if mode is not None and mode.mode == "support":
+            # The body's batch norm normalises the queries with the support set's statistics.
+            support, query = with_support_statistics(lambda: embed(episode.support_x),
+                                                     lambda: embed(episode.query_x))
+        else:
+            support, query = embed(episode.support_x), embed(episode.query_x)
+        return body, episode._replace(support_x=support, query_x=query)
+
+    @property
+    def normalises_queries_with_support(self) -> bool:
+        return True
 
     def meta_loss(self, weights, episode, steps, first_order=None, track_steps=True,
                   iteration=None):

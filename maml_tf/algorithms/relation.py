@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from maml_tf.algorithms._embedding import EmbeddingLearner, class_sums
 from maml_tf.models import layers as L
-from maml_tf.models.functional import FunctionalModel, tile_for_tasks
+from maml_tf.models.functional import (FunctionalModel, tile_for_tasks,
+                                       with_support_statistics)
 
 
 class RelationNet(EmbeddingLearner):
@@ -34,17 +35,24 @@ class RelationNet(EmbeddingLearner):
             relation_module(shape, hidden, tf.as_dtype(self.net.variables[0].dtype).name), strict=False)
         self.extra = list(self.relation.variables)
 
-    @property
-    def normalises_queries_with_support(self) -> bool:
-        # The relation module's batch norm sees the pairs of every query of the task at once.
-        return False
-
     def head(self, support, support_y, query, extra):
         classes, _ = class_sums(support, support_y, self.way)          # [T, way, ...]
+        module = tile_for_tasks(extra[:len(self.relation.variables)], classes.shape[0])
+        mode = self._eval_mode
+        if mode is not None and mode.mode == "support":
+            # The relation module's batch norm would otherwise see the pairs of every query
+            # of the task at once: normalise the query pairs with the statistics of the
+            # (class, support example) pairs instead.
+            return with_support_statistics(
+                lambda: self._relation_scores(module, classes, support),
+                lambda: self._relation_scores(module, classes, query))[1]
+        return self._relation_scores(module, classes, query)
+
+    def _relation_scores(self, module, classes, query):
+        """Relation scores ``[T, N_q, way]`` of every (class, query) pair."""
         pairs = relation_pairs(classes, query)                          # [T, Nq, way, ..., 2C]
         t, nq = pairs.shape[0], pairs.shape[1]
         flat = tf.reshape(pairs, [t, nq * self.way] + pairs.shape[3:].as_list())
-        module = tile_for_tasks(extra[:len(self.relation.variables)], t)
         scores = self.apply_in_compute_dtype(self.relation, module, flat)   # [T, Nq*way, 1]
         return tf.reshape(tf.sigmoid(scores), [t, nq, self.way])
 
