@@ -109,6 +109,48 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+SESSIONS_NAME = "sessions.json"
+
+
+@contextlib.contextmanager
+def training_session(workdir: str, start: int):
+    """Records this training session in ``<workdir>/sessions.json`` when it ends, however it
+    ends (finished, interrupted, failed): first and last iteration and wall seconds. A run
+    resumed over several sessions reports the sum as its training time (``training_time``).
+
+    Yields a dict whose ``"to_iteration"`` the loop sets after each completed iteration.
+    """
+    session = {"from_iteration": start, "to_iteration": start,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    t0 = time.time()
+    try:
+        yield session
+    finally:
+        session["seconds"] = round(time.time() - t0, 1)
+        if session["to_iteration"] > start:
+            atomic_write_json(os.path.join(workdir, SESSIONS_NAME),
+                              read_sessions(workdir) + [session])
+
+
+def read_sessions(workdir: str) -> list[dict]:
+    """The training sessions recorded in ``workdir`` (empty if none or unreadable)."""
+    try:
+        with open(os.path.join(workdir, SESSIONS_NAME)) as f:
+            sessions = json.load(f)
+        return sessions if isinstance(sessions, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def training_time(workdir: str) -> dict:
+    """Total training wall time of the run in ``workdir`` over all its sessions:
+    ``{"seconds": float, "sessions": int}`` (iterations redone after a resume are counted as
+    often as they ran: this is the time spent, not the time of one clean pass)."""
+    sessions = read_sessions(workdir)
+    return {"seconds": round(sum(float(s.get("seconds", 0.0)) for s in sessions), 1),
+            "sessions": len(sessions)}
+
+
 def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> None:
     """Creates the workdir, or checks that it holds the same experiment.
 

@@ -157,13 +157,14 @@ def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
         r = build(config, workdir, model=model, write_config=False)
         if checkpointing.restore_or_init(r.manager) is None:
             raise ConfigError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+        restored = int(r.step.numpy())   # no training here: start = the checkpoint's step
         if config.is_rl:
             from maml_tf.rl import loop
-            return loop.final_evaluation(r, name=results_name(config, int(r.step.numpy())))
+            return loop.final_evaluation(r, start=restored, name=results_name(config, restored))
         _preflight(r)
         step = evaluation.make_eval_step(r.learner, config.test_inner_steps, r.strategy,
                                          config.jit_compile, config.eval_mode)
-        return final_evaluation(r, step, name=results_name(config, int(r.step.numpy())))
+        return final_evaluation(r, step, start=restored, name=results_name(config, restored))
 
 
 def _with_model(config: Config, model) -> tuple[Config, object]:
@@ -432,7 +433,7 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
     schedule = Schedule(config)
     window = metrics_lib.TrainMetrics(train_inner_steps(config), config.is_regression)
     last_log, timed_from, t0 = start, start, time.time()
-    with writer.as_default():
+    with writer.as_default(), checkpointing.training_session(workdir, start) as session:
         if start == 0:
             metrics_lib.write_layout(config.is_regression)
         for step in range(start + 1, config.num_iterations + 1):
@@ -445,6 +446,7 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
                              time.time() - t0)
                 window.window_start, timed_from = time.time(), step
             _check_finite(out, step, last_log, config)
+            session["to_iteration"] = step
             if stop.requested:
                 r.manager.save(checkpoint_number=step)
                 raise RunInterrupted(stop.requested, step)
@@ -567,6 +569,7 @@ def final_evaluation(r: Run, eval_step, train_seconds: float = 0.0, start: int =
         "test": test,
         "train_seconds_this_session": round(train_seconds, 1),
         "iterations_this_session": step - start,
+        "train_seconds_total": checkpointing.training_time(r.workdir),
         "eval_seconds": round(time.time() - t0, 1),
         "environment": provenance.environment(r.strategy),
     }

@@ -93,7 +93,7 @@ def run(r, stop, interrupted, nonfinite) -> dict:
     schedule = Schedule(config)
     window: dict[str, list] = {}
     t0 = time.time()
-    with writer.as_default():
+    with writer.as_default(), checkpointing.training_session(workdir, start) as session:
         for step in range(start + 1, config.num_iterations + 1):
             t_iter = time.time()
             tasks, seeds = iteration_seeds(step - 1)
@@ -116,6 +116,7 @@ def run(r, stop, interrupted, nonfinite) -> dict:
                                 "--inner_lr or --max_kl (--meta_lr with adam), or pass "
                                 "--on_nan=skip to skip such updates.")
             r.step.assign(step)
+            session["to_iteration"] = step
             info["iteration_seconds"] = time.time() - t_iter
             for k, v in info.items():
                 window.setdefault(k, []).append(v)
@@ -185,6 +186,7 @@ def final_evaluation(r, meta: MetaRL | None = None, train_seconds: float = 0.0,
         "test": summary,
         "train_seconds_this_session": round(train_seconds, 1),
         "iterations_this_session": step - start,
+        "train_seconds_total": checkpointing.training_time(r.workdir),
         "eval_seconds": round(time.time() - t0, 1),
         "environment": provenance.environment(r.strategy),
     }
