@@ -109,7 +109,7 @@ class Config:
     eval_later_inner_lr: float = 0.0
     oracle: bool = False
     meta_batch_size: int = 25
-    task_chunks: int = 1
+    task_chunks: int = 0
     grad_clip: float = 0.0
     num_iterations: int = 70000
     eval_tasks: int = 600
@@ -303,7 +303,8 @@ class Config:
         _positive("eval_later_inner_lr", self.eval_later_inner_lr, allow_zero=True)
         _positive("grad_clip", self.grad_clip, allow_zero=True)
         _at_least("meta_batch_size", self.meta_batch_size, 1)
-        _at_least("task_chunks", self.task_chunks, 1, "(1: all tasks of a replica at once)")
+        _at_least("task_chunks", self.task_chunks, 0,
+                  "(0: chosen from the shapes and the machine; 1: all tasks of a replica at once)")
         _at_least("num_iterations", self.num_iterations, 0)
         _at_least("eval_tasks", self.eval_tasks, 1)
         _at_least("val_tasks", self.val_tasks, 1)
@@ -352,7 +353,7 @@ class Config:
             raise ConfigError(f"--strategy={self.strategy}: reinforcement learning runs on one "
                               "device for now (rollouts are sampled in the training process); "
                               "use --strategy=default.")
-        if self.precision != "float32" or self.task_chunks != 1 or self.inner_recompute:
+        if self.precision != "float32" or self.task_chunks > 1 or self.inner_recompute:
             raise ConfigError("--precision, --task_chunks and --inner_recompute are not offered "
                               "for reinforcement learning: drop them.")
         if self.model_name in ("conv4", "resnet12") or self.num_filters or \

@@ -121,6 +121,13 @@ def build(config: Config, workdir: str, overwrite: bool = False, model=None,
     # stops the run before anything is written to the workdir.
     if write_config:
         checkpointing.prepare_workdir(workdir, config, overwrite)
+    if config.task_chunks == 0:
+        # Recorded as 0 (auto) in config.json, so that a resume on another machine chooses
+        # again; the run itself uses the chosen count.
+        chunks = distribute.choose_task_chunks(config, model, strategy)
+        logging.info("--task_chunks=0: %d chunk(s) of %d task(s) per replica.", chunks,
+                     config.meta_batch_size // strategy.num_replicas_in_sync // chunks)
+        config = dataclasses.replace(config, task_chunks=chunks)
     # The learner holds the algorithm's own meta-parameters (learned rates, ...).
     objects = dict(model=model, step=step, learner=learner)
     if optimizer is not None:   # TRPO keeps no optimizer state

@@ -97,7 +97,8 @@ def _smoke_overrides(cfg) -> dict:
         values.unparse_flags()
     overrides = {"num_iterations": 2, "eval_tasks": 2, "val_tasks": 2, "log_every": 1,
                  "eval_every": 2, "checkpoint_every": 2, "jit_compile": "false",
-                 "meta_batch_size": config.task_chunks}
+                 # One task per chunk; 2 tasks where the count is chosen (--task_chunks=0).
+                 "meta_batch_size": config.task_chunks or 2}
     if config.is_rl:
         # A few short episodes: the smoke run checks the path, not the policy.
         overrides.update(meta_batch_size=2, trajectories=2, eval_trajectories=2, horizon=10)
@@ -345,6 +346,31 @@ def test_task_chunks_must_divide_the_replica_batch(tmp_path):
     with pytest.raises(ConfigError, match="--task_chunks=3 does not divide the 4 tasks"):
         train_loop.build(Config.from_dict({**SMOKE, "meta_batch_size": 4, "task_chunks": 3}),
                          str(tmp_path / "run"))
+
+
+def test_task_chunks_auto_fit_a_chunk_into_the_cache_and_are_chosen_again_on_resume(
+        tmp_path, monkeypatch):
+    from maml_tf import distribute
+    from maml_tf.models import zoo
+    config = Config(dataset="omniglot", way=5, shot=1, meta_batch_size=32)
+    model = zoo.conv4((28, 28, 1), 5)
+    per_example = distribute.activation_bytes_per_example(model)
+    # Every layer's output once: 4 blocks of conv, norm and ReLU maps (14, 7, 4, 2 pixels
+    # square, 64 channels), the pooled 64 features and 5 logits, in float32.
+    assert per_example == 4 * (3 * 64 * (14 ** 2 + 7 ** 2 + 4 ** 2 + 2 ** 2) + 64 + 5)
+    per_task = per_example * 10                       # 5 support + 5 query examples
+    strategy = distribute.make_strategy(config)
+    for budget, chunks in ((16 * per_task, 2), (16 * per_task - 1, 4), (per_task - 1, 32),
+                           (10 ** 12, 1)):
+        monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: budget)
+        assert distribute.choose_task_chunks(config, model, strategy) == chunks, budget
+    # A run records 0 (auto) and uses the chosen count.
+    monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: 2 * per_task)
+    r = train_loop.build(Config.from_dict({**SMOKE, "dataset": "omniglot", "way": 5,
+                                           "shot": 1, "num_filters": 64, "meta_batch_size": 4,
+                                           "task_chunks": 0}), str(tmp_path / "run"))
+    assert r.config.task_chunks == 2
+    assert json.load(open(tmp_path / "run" / "config.json"))["task_chunks"] == 0
 
 
 def test_console_says_when_it_compiles_and_tensorboard_groups_the_inner_steps(tmp_path, caplog):
