@@ -1,5 +1,6 @@
-"""Meta-step benchmark: throughput, compile time, peak RSS, counted GFLOP/s, and the ratio
-to a plain per-task loop, for the paper's configurations.
+"""Meta-step benchmark: throughput, compile time, peak RSS, counted GFLOP/s and its share of
+the machine's measured matmul peak, and the ratio to a plain per-task loop, for the paper's
+configurations. Prints the machine first (CPU model, cores, AVX2 / AVX-512 / AMX).
 
     python benchmarks/meta_step.py                       # every case, second and first order
     python benchmarks/meta_step.py --cases=omniglot_5w1s --orders=second
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import machine  # benchmarks/machine.py
 
 CASES = {
     "omniglot_5w1s": dict(dataset="omniglot", way=5, shot=1, inner_steps=1, inner_lr=0.4,
@@ -218,17 +221,17 @@ def _spawn(args: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def _print_speed(rows):
-    print("| case | model | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | loop tasks/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def _print_speed(rows, peak):
+    print("| case | model | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | % of peak | loop tasks/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("killed"):
             print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | "
-                  "killed: out of memory | | | | | | |")
+                  "killed: out of memory | | | | | | | |")
             continue
         print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | {r['tasks_per_s']:.3g} | {r['compile_s']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
-              f"{r.get('loop_tasks_per_s', float('nan')):.0f} | {r.get('speedup_vs_loop', float('nan')):.2f}x |")
+              f"{100 * r['gflop_per_s'] / peak:.0f}% | {r.get('loop_tasks_per_s', float('nan')):.0f} | {r.get('speedup_vs_loop', float('nan')):.2f}x |")
 
 
 def _print_memory(rows):
@@ -261,6 +264,7 @@ def main():
     p.add_argument("--algorithm", help=argparse.SUPPRESS)
     p.add_argument("--model", default="conv4", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--order", default="second", help=argparse.SUPPRESS)
     p.add_argument("--inner_steps", type=int, help=argparse.SUPPRESS)
@@ -273,6 +277,11 @@ def main():
               f"--task_chunks={a.task_chunks}"] + (
         [f"--meta_batch={a.meta_batch}"] if a.meta_batch else []) + (
         [f"--inner_steps={a.inner_steps}"] if a.inner_steps else [])
+    if a.child and a.peak:
+        print(json.dumps({"gflops": machine.tf_matmul_peak()}))
+        return
+    if not a.child:
+        print(f"Machine: {machine.describe(machine.machine())}", flush=True)
     if a.child and a.algorithm:
         print(json.dumps(algorithm_child(a.algorithm, a.windows, a.window_steps)))
         return
@@ -299,6 +308,8 @@ def main():
                 print(json.dumps(rows[-1]), flush=True)     # each row as soon as it is measured
         _print_memory(rows)
         return
+    peak = _spawn(["--peak"])["gflops"]
+    print(f"fp32 matmul peak (TensorFlow, XLA, all threads): {peak:.0f} GFLOP/s", flush=True)
     rows = []
     for case in a.cases.split(","):
         for order in a.orders.split(","):
@@ -306,7 +317,7 @@ def main():
                 rows.append(_spawn([f"--case={case}", f"--order={order}", f"--model={model}"]
                                    + common + (["--no_loop"] if a.no_loop else [])))
                 print(json.dumps(rows[-1]), flush=True)
-    _print_speed(rows)
+    _print_speed(rows, peak)
 
 
 if __name__ == "__main__":
