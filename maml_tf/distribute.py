@@ -45,14 +45,20 @@ def choose_task_chunks(config, model, strategy: tf.distribute.Strategy) -> int:
     """``--task_chunks=0`` (auto): how many sequential chunks each replica's tasks are split
     into, from the shapes and the machine.
 
-    On a CPU, a chunk's activations should stay in the last-level cache: each chunk holds
+    On a CPU, a chunk's working set should stay in the last-level cache: each chunk holds
     the largest number of tasks (a divisor of the replica's tasks) whose one forward pass
-    over support and query examples, every layer's output counted once, fits in the L3
-    cache (``cpu_cache_bytes``). Measured on a 2-core AVX-512 CPU with 32 MiB of L3
-    (benchmarks/README.md): Omniglot 5w1s, 32 tasks of about 2 MB each -> 2 chunks of 16,
-    as fast as 4 chunks and 26% faster than one. A task bigger than the cache gets a chunk
-    of its own, which also bounds peak memory. On GPUs and TPUs, one chunk: their throughput
-    grows with the batch.
+    over support and query examples, every layer's output counted once, fits in a quarter
+    of the L3 cache (``cpu_cache_bytes``). A quarter, because the step holds several arrays
+    per activation (im2col columns, gradients, second-order tangents) and the L3 is shared
+    with the other cores. Measured on a 2-core AVX-512 CPU with 32 MiB of L3, in one
+    session (tasks/s, second order): Omniglot 5w1s, 32 tasks of 2 MB -> 8 chunks of 4 tasks,
+    214 against 186 with 2 chunks of 16 (the whole L3) and 194 with 16 of 2; first order 359
+    against 329; Omniglot 20w1s, 16 tasks of 8 MB -> 16 chunks of one task, 13.6 against
+    12.5 with 4 chunks, and 1.9 instead of 3.3 GB. Where one task alone is bigger than that,
+    chunks cannot keep anything in cache and one chunk is fastest: mini-ImageNet 5w1s
+    (4 tasks of about 200 MB), 0.85 tasks/s against 0.58 with a chunk per task, which
+    bounds memory instead (5.9 against 3.7 GB; set --task_chunks for that). On GPUs and
+    TPUs, one chunk: their throughput grows with the batch.
     """
     tasks = config.meta_batch_size // strategy.num_replicas_in_sync
     accelerated = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")
@@ -61,9 +67,9 @@ def choose_task_chunks(config, model, strategy: tf.distribute.Strategy) -> int:
     per_task = activation_bytes_per_example(model) * examples_per_task(config)
     if per_task <= 0:
         return 1
-    budget = cpu_cache_bytes()
+    budget = cpu_cache_bytes() // 4
     fits = [d for d in range(1, tasks + 1) if tasks % d == 0 and d * per_task <= budget]
-    return tasks // max(fits) if fits else tasks
+    return tasks // max(fits) if fits else 1
 
 
 def examples_per_task(config) -> int:

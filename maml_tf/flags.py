@@ -136,7 +136,7 @@ flags.DEFINE_integer("task_chunks", _D.task_chunks, "Compute each replica's meta
                      "in this many sequential chunks of tasks (an XLA while loop): the same "
                      "gradient with less peak memory and, on a CPU, activations that stay in "
                      "cache. 0: chosen from the shapes and the machine (one chunk on GPUs and "
-                     "TPUs; on a CPU, chunks whose activations fit the L3 cache).")
+                     "TPUs; on a CPU, chunks whose activations fit a quarter of the L3 cache).")
 flags.DEFINE_float("grad_clip", _D.grad_clip, "Clip the meta-gradient to this global norm (0: off).")
 
 # -- schedule and evaluation ---------------------------------------------------------------

@@ -365,12 +365,17 @@ def test_task_chunks_auto_fit_a_chunk_into_the_cache_and_are_chosen_again_on_res
     assert per_example == 4 * (3 * 64 * (14 ** 2 + 7 ** 2 + 4 ** 2 + 2 ** 2) + 64 + 5)
     per_task = per_example * 10                       # 5 support + 5 query examples
     strategy = distribute.make_strategy(config)
-    for budget, chunks in ((16 * per_task, 2), (16 * per_task - 1, 4), (per_task - 1, 32),
-                           (10 ** 12, 1)):
-        monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: budget)
-        assert distribute.choose_task_chunks(config, model, strategy) == chunks, budget
+    # A chunk's activations fit a quarter of the cache: 4 tasks in 32 MiB here.
+    for cache, chunks in ((4 * 4 * per_task, 8), (4 * 4 * per_task - 4, 16),
+                          (4 * 16 * per_task, 2), (10 ** 12, 1),
+                          (32 << 20, 8)):
+        monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: cache)
+        assert distribute.choose_task_chunks(config, model, strategy) == chunks, cache
+    # Not even one task fits: chunks would only serialise the work, so all tasks at once.
+    monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: 4 * per_task - 4)
+    assert distribute.choose_task_chunks(config, model, strategy) == 1
     # A run records 0 (auto) and uses the chosen count.
-    monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: 2 * per_task)
+    monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: 4 * 2 * per_task)
     r = train_loop.build(Config.from_dict({**SMOKE, "dataset": "omniglot", "way": 5,
                                            "shot": 1, "num_filters": 64, "meta_batch_size": 4,
                                            "task_chunks": 0}), str(tmp_path / "run"))

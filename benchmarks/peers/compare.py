@@ -2,7 +2,7 @@
 interleaved in one run on this machine.
 
     python benchmarks/peers/compare.py                                  # all three configurations
-    python benchmarks/peers/compare.py --configs=second_1step --windows=9 --chunks=1,4
+    python benchmarks/peers/compare.py --configs=second_1step --windows=9 --chunks=0,1,8
 
 Omniglot 5-way 1-shot, Conv-4, meta-batch 32 (``_protocol.py``): one worker process per
 implementation (maml_tf at each ``--chunks``; a plain TF ``tf.function`` loop over tasks
@@ -81,7 +81,8 @@ def compare(config: str, chunks: list[int], peers_python: str | None, windows: i
             window_seconds: float) -> tuple[list[dict], float]:
     """Rows (one per implementation) for ``config`` and the machine's measured matmul peak."""
     here = sys.executable
-    specs = [(f"maml_tf, {c} task chunk{'s' if c > 1 else ''}", here, "maml_tf_step.py",
+    specs = [(f"maml_tf, {c} task chunk{'s' if c > 1 else ''}" if c else
+              "maml_tf, task chunks chosen (--task_chunks=0)", here, "maml_tf_step.py",
               [config, str(c)]) for c in chunks]
     specs.append(("TF tf.function loop over tasks (no XLA)", here, "tf_loop_step.py", [config]))
     for label, script, args in (("JAX jit + vmap", "jax_step.py", ["vmap"]),
@@ -95,6 +96,9 @@ def compare(config: str, chunks: list[int], peers_python: str | None, windows: i
             continue
         print(f"  compiling {label} ...", file=sys.stderr, flush=True)
         workers.append(Worker(label, python, script, args))
+    for w in workers:
+        if w.hello.get("task_chunks") and w.label.endswith("(--task_chunks=0)"):
+            w.label += f": {w.hello['task_chunks']}"
     live = [w for w in workers if not w.error]
     # Warm-up window, then size each worker's windows to about window_seconds.
     for w in live:
@@ -147,7 +151,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--chunks", default="1,4", help="maml_tf task chunk counts to time")
+    p.add_argument("--chunks", default="0,1",
+                   help="maml_tf task chunk counts to time (0: chosen, the default of training)")
     p.add_argument("--windows", type=int, default=7)
     p.add_argument("--window_seconds", type=float, default=2.0)
     default_peers = os.environ.get("MAML_TF_PEERS_PYTHON") or os.path.join(HERE, ".venv", "bin", "python")

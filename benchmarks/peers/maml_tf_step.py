@@ -34,8 +34,9 @@ def main():
     float(step(episode)["loss"])
     compile_s = time.perf_counter() - t0
     flops = meta_step._counted_flops(run.learner, episode, cfg.inner_steps, cfg.first_order)
-    P.reply(ready=True, compile_s=compile_s, flops_per_step=flops,
-            framework=f"maml_tf ({chunks} task chunk{'s' if chunks > 1 else ''})")
+    used = run.config.task_chunks    # the count chosen where --task_chunks=0 (auto)
+    P.reply(ready=True, compile_s=compile_s, flops_per_step=flops, task_chunks=used,
+            framework=f"maml_tf ({used} task chunk{'s' if used > 1 else ''})")
     matmul = tf.function(lambda a: a @ a, jit_compile=True)
     P.serve(lambda: step(episode), lambda out: float(out["loss"]),
             lambda: P.time_matmul(lambda n: matmul(tf.ones((n, n))), lambda v: v.numpy()))
