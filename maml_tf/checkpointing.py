@@ -128,8 +128,14 @@ def training_session(workdir: str, start: int):
     finally:
         session["seconds"] = round(time.time() - t0, 1)
         if session["to_iteration"] > start:
-            atomic_write_json(os.path.join(workdir, SESSIONS_NAME),
-                              read_sessions(workdir) + [session])
+            try:
+                atomic_write_json(os.path.join(workdir, SESSIONS_NAME),
+                                  read_sessions(workdir) + [session])
+            except OSError as e:
+                # Never hides why the session ended, nor stops a finished run: the
+                # checkpoints hold the work; only the time record is lost.
+                logging.warning("Could not record this training session in %s (%s).",
+                                os.path.join(workdir, SESSIONS_NAME), e)
 
 
 def read_sessions(workdir: str) -> list[dict]:
