@@ -31,3 +31,13 @@ def user_errors(verbose: bool):
             raise
         kind = next(name for k, name in _KINDS if isinstance(e, k))
         raise SystemExit(f"{kind}: {e} (--verbosity=1 shows the traceback)")
+
+
+def argv() -> list[str]:
+    """``sys.argv`` with every ``--flagfile`` expanded (paths relative to the flagfile that
+    names them); an unreadable or circular flagfile exits with one line."""
+    from maml_tf import flags as maml_flags  # defines the flags: only for the entry points
+    try:
+        return maml_flags.expand_flagfiles(sys.argv)
+    except ConfigError as e:
+        raise SystemExit(f"Configuration error: {e}")

@@ -11,13 +11,10 @@ it never changes, and TensorBoard values under ``eval/<protocol>/``.
 
 import os
 
-import sys
-
 from absl import app, flags
 
 from maml_tf import cli, train_loop
 from maml_tf import flags as maml_flags
-from maml_tf.config import ConfigError
 
 FLAGS = flags.FLAGS
 # --help lists the project's flags, not only "Try --helpfull".
@@ -34,12 +31,5 @@ def main(argv):
         train_loop.evaluate_workdir(FLAGS.workdir, **overrides)
 
 
-def _argv() -> list[str]:
-    try:
-        return maml_flags.expand_flagfiles(sys.argv)
-    except ConfigError as e:
-        raise SystemExit(f"Configuration error: {e}")
-
-
 if __name__ == "__main__":
-    app.run(main, argv=_argv())
+    app.run(main, argv=cli.argv())

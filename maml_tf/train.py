@@ -6,13 +6,10 @@ Turns flags into a ``Config`` and calls ``train_loop.run``. Re-running the same 
 resumes from the workdir's latest checkpoint.
 """
 
-import sys
-
 from absl import app, flags
 
 from maml_tf import cli, train_loop
 from maml_tf import flags as maml_flags
-from maml_tf.config import ConfigError
 
 FLAGS = flags.FLAGS
 # --help lists the project's flags, not only "Try --helpfull".
@@ -29,12 +26,5 @@ def main(argv):
         train_loop.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
 
 
-def _argv() -> list[str]:
-    try:
-        return maml_flags.expand_flagfiles(sys.argv)
-    except ConfigError as e:
-        raise SystemExit(f"Configuration error: {e}")
-
-
 if __name__ == "__main__":
-    app.run(main, argv=_argv())
+    app.run(main, argv=cli.argv())

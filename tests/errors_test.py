@@ -32,6 +32,7 @@ def _train(tmp_path, *args):
     (["--cpu_devices=2"], "with the default strategy it does nothing"),
     (["--inner_lr=1e30"], "Stopped: Non-finite meta-loss"),
     (["--dataset=omniglot", "--data_source=npz", "--data_dir=/nonexistent"], "Data error"),
+    (["--flagfile=runs/no_such_cell.cfg"], "--flagfile=runs/no_such_cell.cfg: no such file."),
 ])
 def test_the_entry_point_prints_one_paragraph_without_a_traceback(tmp_path, args, message):
     out = _train(tmp_path, "--dataset=sinusoid", *args)
