@@ -25,7 +25,8 @@ BLACK_BOX_LEARNERS = ("mann", "snail", "cnp")
 # Each algorithm's own switches: setting one with another algorithm is an error.
 ALGORITHM_SWITCHES = {"context_dim": "cavia", "film_layer": "cavia", "imaml_lambda": "imaml", "cg_steps": "imaml",
                       "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
-                      "fce": "matching", "fce_steps": "matching", "relation_hidden": "relation"}
+                      "fce": "matching", "fce_steps": "matching", "relation_hidden": "relation",
+                      "mann_write": "mann"}
 # The learners that policy-gradient MAML supports (first order, learned rates, and the
 # pre-trained baseline, which takes no inner step in meta-training).
 RL_ALGORITHMS = ("maml", "fomaml", "metasgd", "pretrain")
@@ -45,6 +46,8 @@ ROTATIONS = ("augment", "none")
 ON_NAN = ("fail", "skip")
 PRECISIONS = ("float32", "bfloat16", "float16")
 NORMS = ("batch", "layer", "none")
+# What MANN writes to memory: its own add vector, or the read key (the paper's equation).
+MANN_WRITES = ("add", "key")
 # How evaluation normalises the queries (meta_learner.EVAL_MODES, README "Evaluation modes").
 EVAL_MODES = ("transductive", "support", "per_example")
 
@@ -98,6 +101,7 @@ class Config:
     fce: bool = False
     fce_steps: int = 5
     relation_hidden: int = 8
+    mann_write: str = "add"
     # -- reinforcement learning (RL_DATASETS) --
     trajectories: int = 20
     eval_trajectories: int = 40
@@ -287,6 +291,7 @@ class Config:
         _positive("imaml_lambda", self.imaml_lambda)
         _at_least("cg_steps", self.cg_steps, 1)
         _positive("svm_c", self.svm_c)
+        _choice("mann_write", self.mann_write, MANN_WRITES)
         _at_least("svm_iterations", self.svm_iterations, 1)
         _at_least("fce_steps", self.fce_steps, 1)
         _at_least("relation_hidden", self.relation_hidden, 1)

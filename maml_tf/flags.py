@@ -113,6 +113,9 @@ flags.DEFINE_bool("fce", _D.fce, "Matching Networks: full context embeddings (LS
 flags.DEFINE_integer("fce_steps", _D.fce_steps, "Matching Networks: attention-LSTM steps.")
 flags.DEFINE_integer("relation_hidden", _D.relation_hidden, "Relation Networks: units of the "
                      "relation module's hidden dense layer.")
+flags.DEFINE_enum("mann_write", _D.mann_write, C.MANN_WRITES, "MANN: what each head writes to "
+                  "memory: 'add', a vector of its own (NTM-style), or 'key', the read key (the "
+                  "paper's equation).")
 # -- reinforcement learning (--dataset=navigation_2d / halfcheetah_vel / halfcheetah_dir) ---
 flags.DEFINE_integer("trajectories", _D.trajectories, "RL: trajectories sampled per task "
                      "with each policy in meta-training (pre- and post-update).")

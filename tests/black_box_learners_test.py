@@ -247,6 +247,24 @@ class MannTest(tf.test.TestCase):
         # Slot 2, the least used, is cleared (it was empty), then every slot gets w * key.
         self.assertAllClose(new.numpy()[0], memory.numpy()[0] + np.outer([0.7, 0.2, 0.1],
                                                                          [0, 0, 5.0]))
+        # With an add vector of its own the write stores it, and the read still uses the key.
+        add = tf.constant([[[0.0, 2.0, 0.0]]], tf.float64)
+        new, _, read_w, _, _ = learner.memory_step(memory, usage, read_w, key,
+                                                   tf.constant([[1e3]], tf.float64), add)
+        stored = memory.numpy()[0] + np.outer([0.7, 0.2, 0.1], [0, 2.0, 0])
+        self.assertAllClose(new.numpy()[0], stored)
+        # The key [0, 0, 5] is orthogonal to every slot now: uniform reads.
+        self.assertAllClose(read_w.numpy()[0, 0], np.full(3, 1 / 3), rtol=1e-12)
+
+    def test_the_paper_write_stores_the_key_and_has_no_add_weights(self):
+        add, key = _mann(), _mann(write="key")
+        self.assertEqual(len(add.extra), len(key.extra) + 2)
+        ep = _episode_from(key, 4)
+        support, query = key.predictions(key.meta_weights(), ep)
+        self.assertTrue(np.all(np.isfinite(support.numpy())) and np.all(np.isfinite(query.numpy())))
+        _fd_check(self, key, ep, 0, index=len(key.net.variables) + 2)   # keys read and written
+        with self.assertRaisesRegex(ValueError, "write='value' is not one of"):
+            _mann(write="value")
 
     def test_every_label_is_predicted_before_it_is_shown(self):
         # The support prediction at position t reads examples 0..t and labels 0..t-1 only;
@@ -299,8 +317,9 @@ class MannTest(tf.test.TestCase):
         ep = _episode_from(learner, 1)
         _fd_check(self, learner, ep, 0, index=0)          # the body
         _fd_check(self, learner, ep, 0, index=n)          # the LSTM
-        _fd_check(self, learner, ep, 0, index=n + 2)      # the keys, through the memory
+        _fd_check(self, learner, ep, 0, index=n + 3)      # the keys (bias), through the reads
         _fd_check(self, learner, ep, 0, index=n + 5)      # the write gate (its bias)
+        _fd_check(self, learner, ep, 0, index=n + 8)      # the add vectors, through the memory
 
     def test_the_support_sequence_is_shuffled_for_mann_only(self):
         from maml_tf.data import few_shot

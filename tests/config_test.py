@@ -31,6 +31,9 @@ def parse(argv):
     ({"algorithm": "mamll"}, "--algorithm='mamll'"),
     ({"model": "conv4"}, "--model=conv4 is an image model"),
     ({"conv_pool": "max"}, "--conv_pool=max only applies"),
+    ({"dataset": "omniglot", "mann_write": "key"}, "--mann_write is a switch of --algorithm=mann"),
+    ({"dataset": "omniglot", "algorithm": "mann", "mann_write": "value"},
+     "--mann_write='value' is not allowed; choose one of add, key"),
 ])
 def test_invalid_values_name_flag_value_and_allowed(bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -83,7 +83,7 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
     if algorithm == "cnp":
         return CNP(model, **kwargs)
     if algorithm == "mann":
-        return MANN(model, way=config.way, **kwargs)
+        return MANN(model, way=config.way, write=config.mann_write, **kwargs)
     if algorithm == "snail":
         return SNAIL(model, way=config.way, shot=config.shot, **kwargs)
     if algorithm == "protonet":

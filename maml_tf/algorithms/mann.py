@@ -29,14 +29,23 @@ class MANN(EmbeddingLearner):
 
         h, c  = LSTM([embedding_t, label_{t-1}, reads_{t-1}], h, c)
         k     = tanh(h W_k + b_k)              [R, W]   one key per head
-        alpha = h W_a + b_a                    [R]
+        a     = tanh(h W_v + b_v)              [R, W]   what each head writes (write="add")
+        alpha = h W_g + b_g                    [R]
         M[argmin usage] = 0                             the least-used slot is cleared
         w_w   = sigmoid(alpha) w_r_{t-1} + (1 - sigmoid(alpha)) lu       [R, N]
-        M    += w_w^T k                                 write
+        M    += w_w^T a                                 write
         w_r   = softmax(cosine(k, M))          [R, N]   read
         reads = w_r M                          [R, W]
         usage = gamma usage + sum_heads(w_r + w_w)
         logits_t = [h, reads] W_o + b_o
+
+    ``write`` chooses what is written. The paper's equation writes the read key itself
+    (``write="key"``: ``a = k``), so one vector must both find the current image's slot and
+    carry the previous label to the slot read last. ``write="add"`` (the default) gives the
+    write its own vector, as the Neural Turing Machine's add vector and the public
+    re-implementations of this paper do: on a toy task of fresh random prototypes per episode
+    (5 ways, 10 instances, batch 16) it reached 93% on the 10th instance after 750 iterations,
+    where the key write was still at 28% (runs/README.md, MANN).
 
     The images enter through the network's body (the Conv-4 of the other learners; the paper
     fed raw pixels). ``StepMetrics`` in training has one column (the queries); evaluation
@@ -44,14 +53,19 @@ class MANN(EmbeddingLearner):
     prediction: column i < shot holds the support predictions of each class's (i+1)-th
     instance (the paper's accuracy by instance number), column ``shot`` the queries.
     The training loss is the mean cross-entropy over every prediction, support and query.
-    The controller, key, gate and output weights are the learner's ``extra`` tensors.
+    The controller, key, gate, output (and add) weights are the learner's ``extra`` tensors.
     """
 
     metric_axis = "shots_seen"
 
+    WRITES = ("add", "key")
+
     def __init__(self, model, *, units: int = 200, slots: int = 128, width: int = 40,
-                 read_heads: int = 4, gamma: float = 0.95, **kwargs):
+                 read_heads: int = 4, gamma: float = 0.95, write: str = "add", **kwargs):
         super().__init__(model, **kwargs)
+        if write not in self.WRITES:
+            raise ValueError(f"MANN's write={write!r} is not one of {self.WRITES}.")
+        self.write = write
         kernel = self.vector_head_kernel()
         if read_heads > slots:
             raise ValueError(f"MANN's {read_heads} read heads need at least as many memory "
@@ -66,6 +80,8 @@ class MANN(EmbeddingLearner):
                   "key_kernel": (u, r * self.width), "key_bias": (r * self.width,),
                   "gate_kernel": (u, r), "gate_bias": (r,),
                   "out_kernel": (u + r * self.width, self.way), "out_bias": (self.way,)}
+        if write == "add":
+            shapes.update(add_kernel=(u, r * self.width), add_bias=(r * self.width,))
         # Kernels Glorot-uniform, biases zero except the LSTM's forget gate, which starts open
         # (bias 1), as is usual.
         forget = tf.concat([tf.zeros([u]), tf.ones([u]), tf.zeros([2 * u])], 0)
@@ -82,12 +98,12 @@ class MANN(EmbeddingLearner):
                 tf.zeros([batch, n, w], dtype), tf.zeros([batch, n], dtype),
                 tf.zeros([batch, r, n], dtype), tf.zeros([batch, r * w], dtype))
 
-    def memory_step(self, memory, usage, read_w, keys, alpha):
+    def memory_step(self, memory, usage, read_w, keys, alpha, adds=None):
         """One LRUA write then read.
 
         memory ``[B, N, W]``, usage ``[B, N]``, read_w ``[B, R, N]`` (the previous step's),
-        keys ``[B, R, W]``, alpha ``[B, R]`` -> (memory, usage, read_w, reads ``[B, R, W]``,
-        write_w ``[B, R, N]``).
+        keys ``[B, R, W]``, alpha ``[B, R]``, adds ``[B, R, W]`` (what is written; the keys
+        when None) -> (memory, usage, read_w, reads ``[B, R, W]``, write_w ``[B, R, N]``).
         """
         n = self.slots
         # The least-used slots come from the previous usage; they are indices, constant for
@@ -97,7 +113,7 @@ class MANN(EmbeddingLearner):
         memory = memory * (1.0 - tf.one_hot(least[:, 0], n, dtype=memory.dtype))[:, :, None]
         gate = tf.sigmoid(alpha)[:, :, None]
         write_w = gate * read_w + (1.0 - gate) * lu[:, None, :]
-        memory = memory + tf.matmul(write_w, keys, transpose_a=True)
+        memory = memory + tf.matmul(write_w, keys if adds is None else adds, transpose_a=True)
         eps = tf.constant(1e-8, memory.dtype)
         # Norms through sqrt(x + eps): a cleared slot has norm 0, where tf.norm's gradient
         # is NaN.
@@ -119,9 +135,14 @@ class MANN(EmbeddingLearner):
         i, f, g, o = tf.split(gates, 4, -1)
         c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
         h = tf.sigmoid(o) * tf.tanh(c)
-        keys = tf.reshape(tf.tanh(h @ key_kernel + key_bias), [-1, self.read_heads, self.width])
+        heads = [-1, self.read_heads, self.width]
+        keys = tf.reshape(tf.tanh(h @ key_kernel + key_bias), heads)
+        adds = None
+        if self.write == "add":
+            add_kernel, add_bias = extra[8:10]
+            adds = tf.reshape(tf.tanh(h @ add_kernel + add_bias), heads)
         memory, usage, read_w, reads, _ = self.memory_step(memory, usage, read_w, keys,
-                                                           h @ gate_kernel + gate_bias)
+                                                           h @ gate_kernel + gate_bias, adds)
         reads = tf.reshape(reads, [-1, self.read_heads * self.width])
         logits = tf.concat([h, reads], -1) @ out_kernel + out_bias
         return logits, (h, c, memory, usage, read_w, reads)
