@@ -54,9 +54,12 @@ def test_runs_flagfiles_parse(cfg, monkeypatch):
     monkeypatch.chdir(ROOT)
     config, _ = parse([f"--flagfile={os.path.relpath(cfg, ROOT)}"])
     # Paper-scale schedules (MAML++'s is 100 epochs x 500 iterations; reinforcement learning's
-    # 500 TRPO meta-iterations; the random-initialisation baseline trains for none).
+    # 500 TRPO meta-iterations; the random-initialisation baseline trains for none; MANN's
+    # 100,000 episodes).
     if config.is_rl:
         assert config.num_iterations >= 500 or cfg.endswith("_random.cfg")
+    elif config.algorithm == "mann":
+        assert config.num_iterations * config.meta_batch_size >= 100_000
     else:
         assert config.num_iterations >= 50000 or "sinusoid" in cfg
 
