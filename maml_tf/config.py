@@ -291,10 +291,10 @@ class Config:
         _positive("imaml_lambda", self.imaml_lambda)
         _at_least("cg_steps", self.cg_steps, 1)
         _positive("svm_c", self.svm_c)
-        _choice("mann_write", self.mann_write, MANN_WRITES)
         _at_least("svm_iterations", self.svm_iterations, 1)
         _at_least("fce_steps", self.fce_steps, 1)
         _at_least("relation_hidden", self.relation_hidden, 1)
+        _choice("mann_write", self.mann_write, MANN_WRITES)
         _at_least("trajectories", self.trajectories, 2, "(the baseline and the normalised "
                   "advantages need two)")
         _at_least("eval_trajectories", self.eval_trajectories, 2)

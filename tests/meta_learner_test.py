@@ -231,7 +231,7 @@ class CompiledMetaGradientTest(tf.test.TestCase, parameterized.TestCase):
 
 
 @pytest.mark.isolated
-class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
+class MixedPrecisionTest(tf.test.TestCase):
 
     def test_mixed_precision_meta_gradients_are_finite_and_close_to_float32(self):
         # Both low-precision types against one float32 reference (one process and one compile

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from maml_tf.algorithms._embedding import EmbeddingLearner, instances_seen
+from maml_tf.config import MANN_WRITES
 from maml_tf.data.episode import Episode
 from maml_tf.meta_learner import StepMetrics
 
@@ -59,13 +60,11 @@ class MANN(EmbeddingLearner):
 
     metric_axis = "shots_seen"
 
-    WRITES = ("add", "key")
-
     def __init__(self, model, *, units: int = 200, slots: int = 128, width: int = 40,
                  read_heads: int = 4, gamma: float = 0.95, write: str = "add", **kwargs):
         super().__init__(model, **kwargs)
-        if write not in self.WRITES:
-            raise ValueError(f"MANN's write={write!r} is not one of {self.WRITES}.")
+        if write not in MANN_WRITES:
+            raise ValueError(f"MANN's write={write!r} is not one of {MANN_WRITES}.")
         self.write = write
         kernel = self.vector_head_kernel()
         if read_heads > slots:
