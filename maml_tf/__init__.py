@@ -12,7 +12,8 @@ The public API, the same objects that ``python -m maml_tf.train`` builds::
 Learners (all ``MetaLearner``s: see its docstring for the shared arguments):
 optimization-based ``MAML``, ``FOMAML``, ``Reptile``, ``MetaSGD``, ``ANIL``, ``BOIL``,
 ``CAVIA``, ``IMAML``, ``MAMLPlusPlus``; metric-based ``ProtoNet``, ``R2D2``, ``MetaOptNet``,
-``MatchingNet``, ``RelationNet``; black-box ``SNAIL``, ``CNP``; and the ``Pretrain`` baseline.
+``MatchingNet``, ``RelationNet``; black-box ``MANN``, ``SNAIL``, ``CNP`` (regression) and
+``CNPClassifier`` (images); and the ``Pretrain`` baseline.
 Reinforcement learning (Gaussian policies, rollouts, TRPO) on the same learners lives in
 ``maml_tf.rl``.
 """
@@ -31,7 +32,8 @@ _os.environ.setdefault("MPLCONFIGDIR", _os.path.join(_CACHE, "matplotlib"))
 
 from maml_tf.config import Config, ConfigError  # noqa: E402
 from maml_tf.data.episode import Episode  # noqa: E402
-from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML,  # noqa: E402
+from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML, MANN,  # noqa: E402
+                                CNPClassifier,
                                 MamlPlusPlus, MatchingNet, MetaOptNet, MetaSGD, Pretrain,
                                 ProtoNet, R2D2, RelationNet, Reptile, SNAIL,
                                 build_learner)
@@ -44,7 +46,7 @@ __version__ = "0.1.0"
 
 MAMLPlusPlus = MamlPlusPlus
 
-__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "Config", "ConfigError", "Episode", "FOMAML",
-           "FunctionalModel", "IMAML", "InexactModelError", "MAML", "MAMLPlusPlus",
+__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "CNPClassifier", "Config", "ConfigError", "Episode", "FOMAML",
+           "FunctionalModel", "IMAML", "InexactModelError", "MAML", "MAMLPlusPlus", "MANN",
            "MatchingNet", "MetaLearner", "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2",
            "RelationNet", "Reptile", "SNAIL", "StepMetrics", "build_learner", "evaluate_workdir", "train"]

@@ -422,9 +422,6 @@ class Config:
         if self.is_metric_learner and self.is_regression:
             raise ConfigError(f"--algorithm={self.algorithm} classifies queries from support "
                               "embeddings; it does not apply to --dataset=sinusoid.")
-        if self.algorithm == "cnp" and not self.is_regression:
-            raise ConfigError("--algorithm=cnp is implemented for regression "
-                              "(--dataset=sinusoid) only.")
         if self.algorithm in ("mann", "snail") and self.is_regression:
             raise ConfigError(f"--algorithm={self.algorithm} is a few-shot classifier; it does "
                               "not apply to --dataset=sinusoid.")
@@ -432,15 +429,16 @@ class Config:
             raise ConfigError(f"--algorithm=snail reads sequences of way x shot examples and is "
                               f"built for --shot={self.shot}: drop --eval_shots or set it to "
                               f"{self.shot}.")
-        if self.algorithm == "cnp" and self.is_custom_model:
-            raise ConfigError(f"--algorithm={self.algorithm} builds its own encoder and decoder; "
-                              "drop --model.")
+        if self.algorithm == "cnp" and self.is_regression and self.is_custom_model:
+            raise ConfigError("--algorithm=cnp on --dataset=sinusoid builds its own encoder and "
+                              "decoder; drop --model (on images, --model is the body that "
+                              "embeds each image).")
         defaults = Config.__dataclass_fields__
         for name, owner in ALGORITHM_SWITCHES.items():
             if getattr(self, name) != defaults[name].default and self.algorithm != owner:
                 raise ConfigError(f"--{name} is a switch of --algorithm={owner} (got "
                                   f"--algorithm={self.algorithm}): drop it or change algorithm.")
-        if self.eval_mode == "support" and self.algorithm == "cnp":
+        if self.eval_mode == "support" and self.algorithm == "cnp" and self.is_regression:
             raise ConfigError("--eval_mode=support normalises each task's queries with the "
                               "network's statistics on its support set; the CNP has no batch "
                               "norm and decodes each query alone already: use "

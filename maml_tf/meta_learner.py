@@ -183,7 +183,7 @@ class MetaLearner(tf.Module):
         are evaluated on episodes of one query each, with the task's support set, and each
         task's metrics are the mean over its queries. ``support``: the MAML family (the adapted
         network's statistics) and the embedding learners and ANIL (the body's statistics on
-        the support set); not the CNP.
+        the support set); not the regression CNP.
         """
         if mode not in EVAL_MODES:
             raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}.")

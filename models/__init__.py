@@ -32,7 +32,7 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
     if config.is_rl:
         from maml_tf.rl.policy import gaussian_mlp
         return gaussian_mlp(shape[0], num_outputs(config) // 2, dtype=dtype)
-    if config.algorithm == "cnp":
+    if config.algorithm == "cnp" and config.is_regression:
         # The CNP's decoder: (x, representation) -> (mean, scale); the learner builds the encoder.
         from maml_tf.algorithms.cnp import REPRESENTATION
         return zoo.mlp(shape[0] + REPRESENTATION, [128, 128], 2, dtype=dtype)

@@ -1,6 +1,7 @@
 """The black-box learners' own checks: the Conditional Neural Process (and the learner
 contract's promises on sinusoid tasks, where the contract's classification tests do not
-apply: the loss falls, save/restore round-trips), SNAIL and MANN (causality, the LRU memory,
+apply: the loss falls, save/restore round-trips), the CNP classifier (mean class codes,
+support order, relabelling), SNAIL and MANN (causality, the LRU memory,
 metrics by shots seen, exact gradients). Their classification contract is in
 learner_contract_test.py."""
 
@@ -110,9 +111,78 @@ class CnpTest(tf.test.TestCase):
         other = ep._replace(support_y=ep.support_y + 3.0)
         self.assertAllClose(learner.evaluate(other).loss[:, 0], m.loss[:, 0], rtol=1e-12)
 
-    def test_is_refused_on_images_with_a_clear_message(self):
-        with pytest.raises(ConfigError, match="regression"):
-            Config.from_dict({"dataset": "omniglot", "algorithm": "cnp"})
+    def test_on_sinusoid_builds_its_own_networks(self):
+        with pytest.raises(ConfigError, match="builds its own encoder and decoder"):
+            Config.from_dict({"dataset": "sinusoid", "algorithm": "cnp",
+                              "model": "my_package.nets:build"})
+
+
+def _cnp_classifier(dtype="float64", **kw):
+    from algorithms_test import _config
+    config = _config("cnp", **kw)
+    return build_learner(config, get_model(config, dtype=dtype))
+
+
+class CnpClassifierTest(tf.test.TestCase):
+
+    def test_class_representation_is_the_mean_code_of_its_support_examples(self):
+        learner = _cnp_classifier()
+        self.assertEqual(type(learner).__name__, "CNPClassifier")
+        ep = _episode_from(learner, 0)
+        w = learner.meta_weights()
+        extra = learner.split(w)[1]
+        zs, _ = learner.embed_episode(w, ep)
+        r = learner.class_representations(zs, ep.support_y, extra).numpy()
+        codes = learner.encoder.apply(
+            [tf.repeat(v[None], zs.shape[0], 0) for v in extra[:len(learner.encoder.variables)]],
+            zs).numpy()
+        y = ep.support_y.numpy()
+        for t in range(r.shape[0]):
+            for c in range(learner.way):
+                self.assertAllClose(r[t, c], codes[t, y[t] == c].mean(0), rtol=1e-12)
+        # A class with no support example has the empty set's representation, zero.
+        keep = np.flatnonzero(y[0] != 0)
+        r0 = learner.class_representations(tf.gather(zs[:1], keep, axis=1),
+                                           tf.gather(ep.support_y[:1], keep, axis=1), extra)
+        self.assertAllEqual(r0[0, 0], np.zeros(learner.representation))
+
+    def test_support_order_does_not_matter_and_relabelling_permutes_the_logits(self):
+        learner = _cnp_classifier()
+        ep = _episode_from(learner, 1)
+        w = learner.meta_weights()
+        logits = learner.logits(w, ep).numpy()
+        order = np.random.default_rng(0).permutation(ep.support_x.shape[1])
+        shuffled = ep._replace(support_x=tf.gather(ep.support_x, order, axis=1),
+                               support_y=tf.gather(ep.support_y, order, axis=1))
+        self.assertAllClose(learner.logits(w, shuffled), logits, rtol=1e-10, atol=1e-12)
+        # Class c of the support becomes class perm[c]: column perm[c] of the new logits is
+        # column c of the old ones.
+        perm = np.array([2, 0, 4, 1, 3])[:learner.way]
+        relabelled = learner.logits(w, ep._replace(
+            support_y=tf.gather(tf.constant(perm, tf.int32), ep.support_y))).numpy()
+        self.assertAllClose(relabelled[..., perm], logits, rtol=1e-10, atol=1e-12)
+        self.assertGreater(np.abs(relabelled - logits).max(), 1e-9)
+
+    def test_meta_gradient_matches_finite_differences(self):
+        learner = _cnp_classifier()
+        n, ne = len(learner.net.variables), len(learner.encoder.variables)
+        _fd_check(self, learner, _episode_from(learner, 2), 0, index=0)        # the body
+        _fd_check(self, learner, _episode_from(learner, 2), 0, index=n)        # the encoder
+        _fd_check(self, learner, _episode_from(learner, 2), 0, index=n + ne)   # the decoder
+
+    def test_evaluation_by_shots_seen_equals_the_prediction_from_the_first_shots(self):
+        learner = _cnp_classifier(norm="layer")
+        ep = _episode_from(learner, 3)
+        m = learner.evaluate(ep)
+        way = learner.way
+        self.assertEqual(m.accuracy.shape, (ep.support_x.shape[0], ep.support_x.shape[1] // way + 1))
+        for shots in range(1, m.accuracy.shape[1]):
+            first = ep._replace(support_x=ep.support_x[:, :way * shots],
+                                support_y=ep.support_y[:, :way * shots])
+            _, metrics = learner.meta_loss(learner.meta_weights(), first, 0)
+            self.assertAllClose(m.loss[:, shots], metrics.loss[:, 0], rtol=1e-10)
+        # With no shot every class has the same representation: every logit is equal.
+        self.assertAllClose(m.loss[:, 0], np.full(m.loss.shape[0], math.log(way)), rtol=1e-10)
 
 
 def _snail(dtype="float32", **kw):

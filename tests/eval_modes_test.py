@@ -127,7 +127,7 @@ class EvalModesTest(tf.test.TestCase):
 def test_config_checks_the_mode_and_records_it():
     with pytest.raises(ConfigError, match="use --eval_mode=per_example"):
         Config(dataset="sinusoid", algorithm="cnp", eval_mode="support")
-    for algorithm in ("protonet", "anil", "relation"):                    # supported
+    for algorithm in ("protonet", "anil", "relation", "cnp"):       # supported
         Config(dataset="omniglot", algorithm=algorithm, eval_mode="support")
     with pytest.raises(ConfigError, match="eval_mode"):
         Config(dataset="omniglot", eval_mode="inductive")

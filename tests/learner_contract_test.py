@@ -262,3 +262,7 @@ class SnailContractTest(LearnerContract, tf.test.TestCase):
 
 class MannContractTest(LearnerContract, tf.test.TestCase):
     ALGORITHM = "mann"
+
+
+class CnpClassifierContractTest(LearnerContract, tf.test.TestCase):
+    ALGORITHM = "cnp"

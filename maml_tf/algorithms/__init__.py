@@ -18,7 +18,8 @@ matching   ``MatchingNet`` (Vinyals et al. 2016): cosine attention, optional FCE
 relation   ``RelationNet`` (Sung et al. 2018): a learned relation module on feature maps
 mann       ``MANN`` (Santoro et al. 2016): black box, LSTM controller + LRU-access memory
 snail      ``SNAIL`` (Mishra et al. 2018): black box, temporal convolutions + causal attention
-cnp        ``CNP`` (Garnelo et al. 2018): black box, mean-aggregated encoder, Gaussian decoder
+cnp        ``CNP`` (Garnelo et al. 2018): black box, mean-aggregated encoder, Gaussian decoder;
+           ``CNPClassifier`` on images: class-wise mean codes, a decoder scoring each class
 pretrain   ``Pretrain``: one network trained on all training classes, fine-tuned at test
 ==========  ==========================================================================
 """
@@ -30,7 +31,7 @@ import keras
 from maml_tf.algorithms.anil import ANIL
 from maml_tf.algorithms.boil import BOIL
 from maml_tf.algorithms.cavia import CAVIA
-from maml_tf.algorithms.cnp import CNP
+from maml_tf.algorithms.cnp import CNP, CNPClassifier
 from maml_tf.algorithms.imaml import IMAML
 from maml_tf.algorithms.maml import FOMAML, MAML
 from maml_tf.algorithms.mann import MANN
@@ -46,7 +47,7 @@ from maml_tf.algorithms.reptile import Reptile
 from maml_tf.algorithms.snail import SNAIL
 from maml_tf.meta_learner import MetaLearner
 
-__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "FOMAML", "IMAML", "MAML", "MANN", "MamlPlusPlus", "MatchingNet",
+__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "CNPClassifier", "FOMAML", "IMAML", "MAML", "MANN", "MamlPlusPlus", "MatchingNet",
            "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2", "RelationNet", "Reptile",
            "SNAIL", "build_learner", "train_inner_steps"]
 
@@ -80,8 +81,10 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None) ->
                      film_layer=config.film_layer or None, **kwargs)
     if algorithm == "imaml":
         return IMAML(model, lam=config.imaml_lambda, cg_steps=config.cg_steps, **kwargs)
-    if algorithm == "cnp":
+    if algorithm == "cnp" and config.is_regression:
         return CNP(model, **kwargs)
+    if algorithm == "cnp":
+        return CNPClassifier(model, way=config.way, **kwargs)
     if algorithm == "mann":
         return MANN(model, way=config.way, write=config.mann_write, **kwargs)
     if algorithm == "snail":

@@ -88,6 +88,29 @@ class EmbeddingLearner(MetaLearner):
         zs, zq = self.embed_episode(weights, episode)
         return self.head(zs, episode.support_y, zq, self.split(weights)[1])
 
+    def metrics_by_shots_seen(self, weights, episode: Episode) -> StepMetrics:
+        """Query loss and metric ``[T, shot + 1]`` when the head reads only the first i support
+        examples of each class (in the episode's order), i = 0..shot; the last column is the
+        usual prediction. The black-box learners' ``eval_metrics`` (``metric_axis =
+        "shots_seen"``); their ``head`` must accept any number of shots, none included."""
+        zs, zq = self.embed_episode(weights, episode)
+        extra = self.split(weights)[1]
+        ns = zs.shape[1]
+        seen = instances_seen(episode.support_y, self.way)                   # [T, N_s]
+        losses, metrics = [], []
+        # Positions sorted by (instance number, position): the first way * shots of them are
+        # the first `shots` examples of every class, whatever the order (static shapes, for
+        # XLA); sorted back into the episode's order.
+        order = tf.argsort(seen * ns + tf.range(ns)[None], axis=1)
+        for shots in range(ns // self.way + 1):
+            keep = tf.sort(order[:, :self.way * shots], axis=1)
+            zs_k = tf.gather(zs, keep, axis=1, batch_dims=1)
+            ys_k = tf.gather(episode.support_y, keep, axis=1, batch_dims=1)
+            logits = self.head(zs_k, ys_k, zq, extra)
+            losses.append(self.query_loss(logits, episode.query_y))
+            metrics.append(self.metric_fn(logits, episode.query_y))
+        return StepMetrics(tf.stack(losses, 1), tf.stack(metrics, 1))
+
 
 def class_sums(z: tf.Tensor, labels: tf.Tensor, way: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-class sums ``[T, way, ...]`` of embeddings z ``[T, N, ...]`` and the class

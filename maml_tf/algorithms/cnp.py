@@ -1,5 +1,6 @@
 """Conditional Neural Processes (Garnelo et al. 2018): a black-box meta-learner that reads the
-support set and predicts a Gaussian for each query, with no inner optimisation."""
+support set and predicts each query directly, with no inner optimisation. ``CNP`` regresses
+(a Gaussian per query); ``CNPClassifier`` classifies images from class-wise mean codes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from maml_tf.algorithms._embedding import EmbeddingLearner, class_sums
 from maml_tf.data.episode import Episode
 from maml_tf.meta_learner import MetaLearner, StepMetrics
 from maml_tf.models import zoo
@@ -112,6 +114,69 @@ class CNP(MetaLearner):
             columns.append(tf.reduce_mean(
                 tf.square(mu - tf.cast(episode.query_y, mu.dtype)), axis=[1, 2]))
         return StepMetrics(tf.stack(columns, 1), None)
+
+
+class CNPClassifier(EmbeddingLearner):
+    """Conditional Neural Process as a few-shot image classifier (Garnelo et al. 2018, section
+    4.3: the aggregation is class-wise).
+
+    The network's body (Conv-4 without its head, as the other learners) embeds every image to
+    ``z`` ``[D]``; the encoder MLP maps each support embedding to a code ``[R]``; class c's
+    representation ``r_c`` is the mean of its support codes (zero for a class with no support
+    example yet, as the regression CNP's empty context), so it does not depend on the order of
+    the support set. The decoder MLP scores every (query, class) pair, ``[z_q, r_c] -> logit``;
+    one decoder is shared by the classes, so relabelling the classes permutes the logits and
+    nothing else. Trained by cross-entropy on the queries. The encoder
+    (``encoder_hidden`` ReLU layers, then R) and decoder (``decoder_hidden`` ReLU layers, then
+    1) weights are the learner's ``extra`` tensors.
+
+    Evaluation (``eval_metrics``) reports the query metrics by shots seen: column i reads the
+    first i support examples of each class, i = 0..shot (at 0 every class is ``r = 0``:
+    chance); the last column is the usual prediction. Any shot count works at test time.
+    """
+
+    metric_axis = "shots_seen"
+
+    def __init__(self, model, *, representation: int = REPRESENTATION,
+                 encoder_hidden: Sequence[int] = (128, 128),
+                 decoder_hidden: Sequence[int] = (128, 128), **kwargs):
+        super().__init__(model, **kwargs)
+        kernel = self.vector_head_kernel()
+        dim, self.dtype = int(kernel.shape[0]), tf.as_dtype(kernel.dtype)
+        dtype = self.dtype.name
+        self.representation = int(representation)
+        self.encoder = FunctionalModel(
+            zoo.mlp(dim, list(encoder_hidden), self.representation, dtype=dtype), strict=False)
+        self.decoder = FunctionalModel(
+            zoo.mlp(dim + self.representation, list(decoder_hidden), 1, dtype=dtype),
+            strict=False)
+        self.extra = list(self.encoder.variables) + list(self.decoder.variables)
+
+    def class_representations(self, support, support_y, extra) -> tf.Tensor:
+        """``r_c`` ``[T, way, R]``: the mean code of each class's support embeddings
+        ``[T, N_s, D]`` (zero for a class with none)."""
+        t = support.shape[0]
+        if not support.shape[1]:
+            return tf.zeros([t, self.way, self.representation], support.dtype)
+        encoder = tile_for_tasks(extra[:len(self.encoder.variables)], t)
+        codes = self.apply_in_compute_dtype(self.encoder, encoder, support)   # [T, N_s, R]
+        sums, counts = class_sums(codes, support_y, self.way)
+        return sums / tf.maximum(counts, 1.0)[..., None]
+
+    def head(self, support, support_y, query, extra):
+        t, nq = query.shape[0], query.shape[1]
+        r = self.class_representations(support, support_y, extra)             # [T, way, R]
+        pairs = tf.concat(
+            [tf.broadcast_to(query[:, :, None], [t, nq, self.way, query.shape[-1]]),
+             tf.broadcast_to(r[:, None], [t, nq, self.way, self.representation])], -1)
+        decoder = tile_for_tasks(extra[len(self.encoder.variables):len(self.extra)], t)
+        logits = self.apply_in_compute_dtype(
+            self.decoder, decoder, tf.reshape(pairs, [t, nq * self.way, pairs.shape[-1]]))
+        return tf.reshape(logits, [t, nq, self.way])
+
+    def eval_metrics(self, weights, episode, steps):
+        return self.metrics_by_shots_seen(weights, episode)
+
 
 def gaussian_log_prob(y, mu, sigma):
     """``log N(y; mu, sigma^2)`` elementwise."""

@@ -8,8 +8,7 @@ import math
 import keras
 import tensorflow as tf
 
-from maml_tf.algorithms._embedding import EmbeddingLearner, instances_seen
-from maml_tf.meta_learner import StepMetrics
+from maml_tf.algorithms._embedding import EmbeddingLearner
 
 
 class SNAIL(EmbeddingLearner):
@@ -88,23 +87,7 @@ class SNAIL(EmbeddingLearner):
         return tf.reshape(out[:, -1], [t, nq, self.way])
 
     def eval_metrics(self, weights, episode, steps):
-        zs, zq = self.embed_episode(weights, episode)
-        extra = self.split(weights)[1]
-        ns = zs.shape[1]
-        seen = instances_seen(episode.support_y, self.way)                   # [T, N_s]
-        losses, metrics = [], []
-        # Positions sorted by (instance number, position): the first way * shots of them are
-        # the first `shots` examples of every class, whatever the order (static shapes, for
-        # XLA); sorted back into the episode's order.
-        order = tf.argsort(seen * ns + tf.range(ns)[None], axis=1)
-        for shots in range(ns // self.way + 1):
-            keep = tf.sort(order[:, :self.way * shots], axis=1)
-            zs_k = tf.gather(zs, keep, axis=1, batch_dims=1)
-            ys_k = tf.gather(episode.support_y, keep, axis=1, batch_dims=1)
-            logits = self.head(zs_k, ys_k, zq, extra)
-            losses.append(self.query_loss(logits, episode.query_y))
-            metrics.append(self.metric_fn(logits, episode.query_y))
-        return StepMetrics(tf.stack(losses, 1), tf.stack(metrics, 1))
+        return self.metrics_by_shots_seen(weights, episode)
 
     def sequence(self, x: tf.Tensor, extra) -> tf.Tensor:
         """The network on sequences ``[B, L, D + way]`` -> logits ``[B, L, way]`` (causal;
