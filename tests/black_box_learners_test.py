@@ -181,8 +181,13 @@ class CnpClassifierTest(tf.test.TestCase):
                                 support_y=ep.support_y[:, :way * shots])
             _, metrics = learner.meta_loss(learner.meta_weights(), first, 0)
             self.assertAllClose(m.loss[:, shots], metrics.loss[:, 0], rtol=1e-10)
-        # With no shot every class has the same representation: every logit is equal.
+        # With no shot every class has the same representation: the logits tie exactly, so
+        # argmax takes the first class, one query in `way` of these balanced ones.
         self.assertAllClose(m.loss[:, 0], np.full(m.loss.shape[0], math.log(way)), rtol=1e-10)
+        self.assertAllEqual(m.accuracy[:, 0], np.full(m.loss.shape[0], 1.0 / way))
+        compiled = tf.function(lambda w, e: learner.eval_metrics(w, e, 0).accuracy,
+                               jit_compile=True)(learner.meta_weights(), ep)
+        self.assertAllClose(compiled, m.accuracy)
 
 
 def _snail(dtype="float32", **kw):

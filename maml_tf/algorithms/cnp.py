@@ -131,8 +131,9 @@ class CNPClassifier(EmbeddingLearner):
     1) weights are the learner's ``extra`` tensors.
 
     Evaluation (``eval_metrics``) reports the query metrics by shots seen: column i reads the
-    first i support examples of each class, i = 0..shot (at 0 every class is ``r = 0``:
-    chance); the last column is the usual prediction. Any shot count works at test time.
+    first i support examples of each class, i = 0..shot (at 0 every class is ``r = 0`` and the
+    logits tie: argmax takes the first class, 1/way of balanced queries); the last column is
+    the usual prediction. Any shot count works at test time.
     """
 
     metric_axis = "shots_seen"
@@ -165,11 +166,18 @@ class CNPClassifier(EmbeddingLearner):
 
     def head(self, support, support_y, query, extra):
         t, nq = query.shape[0], query.shape[1]
+        decoder = tile_for_tasks(extra[len(self.encoder.variables):len(self.extra)], t)
+        if not support.shape[1]:
+            # No support example: every class is the empty set (r = 0), so one score per
+            # query serves all classes. Computed once, the logits tie exactly (rows of one
+            # batched matmul can round differently, and argmax would then favour a position).
+            score = self.apply_in_compute_dtype(self.decoder, decoder, tf.concat(
+                [query, tf.zeros([t, nq, self.representation], query.dtype)], -1))
+            return tf.broadcast_to(score, [t, nq, self.way])
         r = self.class_representations(support, support_y, extra)             # [T, way, R]
         pairs = tf.concat(
             [tf.broadcast_to(query[:, :, None], [t, nq, self.way, query.shape[-1]]),
              tf.broadcast_to(r[:, None], [t, nq, self.way, self.representation])], -1)
-        decoder = tile_for_tasks(extra[len(self.encoder.variables):len(self.extra)], t)
         logits = self.apply_in_compute_dtype(
             self.decoder, decoder, tf.reshape(pairs, [t, nq * self.way, pairs.shape[-1]]))
         return tf.reshape(logits, [t, nq, self.way])
