@@ -47,6 +47,7 @@ PAPER: dict[tuple, str] = {
     ("omniglot", 5, 5, "snail"): "99.78 ± 0.09 % (Mishra et al. 2018)",
     ("omniglot", 20, 1, "snail"): "97.64 ± 0.30 % (Mishra et al. 2018)",
     ("omniglot", 20, 5, "snail"): "99.36 ± 0.18 % (Mishra et al. 2018)",
+    ("omniglot", 5, 1, "cnp"): "95.3 % (Garnelo et al. 2018)",
     ("sinusoid", None, 5, "maml"): "0.35 after 10 steps (Finn et al. 2017)",
     ("sinusoid", None, 5, "pretrain"): "2.19 after 10 steps (Finn et al. 2017)",
     ("navigation_2d", None, None, "maml"): "-3.23 after 3 steps (Finn et al. 2017)",
