@@ -288,8 +288,10 @@ def test_the_chosen_split_is_written_to_the_workdir(omniglot_dir, tmp_path):
 # One algorithm per kind of outer update (second-order MAML, Reptile's weight difference,
 # an embedding learner without inner steps, supervised pre-training) and those that log state
 # of their own. (FOMAML and ANIL take MAML's path with a switch: learner_contract_test.py.)
+# Plain MAML is not listed: Meta-SGD runs its outer update plus learned rates, and the flagfile
+# test above trains omniglot_5w1s.cfg (MAML) compiled through the same train_loop.run.
 ALGORITHM_STATE_TAGS = {
-    "maml": [], "protonet": [], "pretrain": [], "reptile": [],
+    "protonet": [], "pretrain": [], "reptile": [],
     "metasgd": ["metasgd_lr_mean/conv4_conv0_kernel", "metasgd_lr_mean/conv4_head_bias"],
     "mamlpp": ["lslr/conv4_conv0_kernel/step_0", "lslr/conv4_head_bias/step_1",
                "msl_weight/step_1", "msl_weight/step_2", "bnwb/conv4_batchnorm0_gamma",
