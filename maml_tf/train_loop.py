@@ -443,6 +443,10 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
     with writer.as_default(), checkpointing.training_session(workdir, start) as session:
         if start == 0:
             metrics_lib.write_layout(config.is_regression)
+        elif schedule.validate(start) and not any(h["step"] == start for h in history):
+            # The last session stopped in this validation and saved its checkpoint first.
+            _validate(r, eval_step, start, history)
+            checkpointing.atomic_write_json(os.path.join(workdir, "history.json"), history)
         for step in range(start + 1, config.num_iterations + 1):
             if step == start + 1:
                 logging.info("Compiling the meta-step%s ...", " with XLA" if config.jit_compile else "")
@@ -464,7 +468,16 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
                 r.learner.write_summaries(step)
                 last_log = timed_from = step
             if schedule.validate(step):
-                _validate(r, eval_step, step, history)
+                try:
+                    _validate(r, eval_step, step, history)
+                except BaseException:
+                    # A validation that fails (a bug, memory, Ctrl-C) must not cost the
+                    # iterations since the last checkpoint: the weights are those of `step`.
+                    r.manager.save(checkpoint_number=step)
+                    logging.error("Validation at iteration %d failed; checkpoint ckpt-%d is "
+                                  "saved and the same command resumes from it (validating "
+                                  "it first).", step, step)
+                    raise
                 checkpointing.atomic_write_json(os.path.join(workdir, "history.json"), history)
             if schedule.checkpoint(step):
                 r.manager.save(checkpoint_number=step)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from maml_tf import train_loop
@@ -158,6 +159,28 @@ def _damage(kind, checkpoints):
         open(os.path.join(checkpoints, "ckpt-4.index"), "r+b").truncate(30)
     elif kind == "deleted data":
         os.remove(data)
+
+
+def test_a_failing_validation_saves_its_iteration_and_is_redone_on_resume(tmp_path, monkeypatch):
+    # Measured: an error in a validation cost a run the 1,000 iterations since its last
+    # checkpoint. Now the weights of the validated iteration are saved before the error.
+    workdir = str(tmp_path / "run")
+    real = train_loop._validate
+
+    def fails_at_3(r, eval_step, step, history):
+        if step == 3:
+            raise RuntimeError("validation broke")
+        return real(r, eval_step, step, history)
+    config = Config.from_dict({**SMOKE, "jit_compile": False})   # XLA: only slower here
+    monkeypatch.setattr(train_loop, "_validate", fails_at_3)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train_loop.run(config, workdir)                           # checkpoints every 2 only
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-3")
+    monkeypatch.setattr(train_loop, "_validate", real)
+    results = train_loop.run(config, workdir)
+    assert results["iterations_this_session"] == 1                 # resumed at 3
+    history = json.load(open(os.path.join(workdir, "history.json")))
+    assert [h["step"] for h in history] == [1, 2, 3, 4]             # 3 validated on resume
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
