@@ -470,9 +470,10 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
             if schedule.validate(step):
                 try:
                     _validate(r, eval_step, step, history)
-                except BaseException:
-                    # A validation that fails (a bug, memory, Ctrl-C) must not cost the
-                    # iterations since the last checkpoint: the weights are those of `step`.
+                except Exception:
+                    # A validation that fails (a bug, memory) must not cost the iterations
+                    # since the last checkpoint: the weights are those of `step`. (A second
+                    # stop signal raises KeyboardInterrupt: it stops at once, as it says.)
                     r.manager.save(checkpoint_number=step)
                     logging.error("Validation at iteration %d failed; checkpoint ckpt-%d is "
                                   "saved and the same command resumes from it (validating "

@@ -114,14 +114,13 @@ class LearnerContract:
             accs.append(float(tf.reduce_mean(per_step.accuracy)))
         self.assertAllClose(np.mean(accs), 1.0 / WAY, atol=0.12)
 
-    def test_meta_loss_falls(self):
-        history = self._train(_separable_episode(1), 15)
-        first, last = float(history[0][0]), float(np.mean([h[0] for h in history[-3:]]))
-        self.assertLess(last, 0.8 * first)
-
-    def test_overfits_one_episode(self):
+    def test_meta_loss_falls_and_one_episode_is_overfitted(self):
+        # One training run for both promises: each run traces the meta-step anew, which is
+        # most of a contract's time.
         episode = _separable_episode(2)
         history = self._train(episode, 60)
+        first = float(history[0][0])
+        self.assertLess(float(np.mean([h[0] for h in history[12:15]])), 0.8 * first)
         final_acc = float(tf.reduce_mean(history[-1][2][:, -1]))
         self.assertGreater(final_acc, 0.95)
         # ... and so does the learner's evaluation path (which may use learned state).
