@@ -117,8 +117,8 @@ class CNP(MetaLearner):
 
 
 class CNPClassifier(EmbeddingLearner):
-    """Conditional Neural Process as a few-shot image classifier (Garnelo et al. 2018, section
-    4.3: the aggregation is class-wise).
+    """Conditional Neural Process as a few-shot image classifier (Garnelo et al. 2018, their
+    Omniglot experiment: the aggregation is class-wise).
 
     The network's body (Conv-4 without its head, as the other learners) embeds every image to
     ``z`` ``[D]``; the encoder MLP maps each support embedding to a code ``[R]``; class c's
