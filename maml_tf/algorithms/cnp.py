@@ -156,10 +156,7 @@ class CNPClassifier(EmbeddingLearner):
     def class_representations(self, support, support_y, extra) -> tf.Tensor:
         """``r_c`` ``[T, way, R]``: the mean code of each class's support embeddings
         ``[T, N_s, D]`` (zero for a class with none)."""
-        t = support.shape[0]
-        if not support.shape[1]:
-            return tf.zeros([t, self.way, self.representation], support.dtype)
-        encoder = tile_for_tasks(extra[:len(self.encoder.variables)], t)
+        encoder = tile_for_tasks(extra[:len(self.encoder.variables)], support.shape[0])
         codes = self.apply_in_compute_dtype(self.encoder, encoder, support)   # [T, N_s, R]
         sums, counts = class_sums(codes, support_y, self.way)
         return sums / tf.maximum(counts, 1.0)[..., None]
