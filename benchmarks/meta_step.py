@@ -56,13 +56,18 @@ def _episode(config):
     return Episode(img(ns), lab(ns), img(nq), lab(nq), tf.constant(classes))
 
 
-def _measure(config, windows: int, window_steps: int):
+def _measure(config, windows: int, window_steps: int, step_metrics: bool = False):
     """Builds the run's train step; returns (run, episode, step, compile s, steps/s), the
-    rate being the median of ``windows`` after one warm-up window."""
+    rate being the median of ``windows`` after one warm-up window.
+
+    ``step_metrics=False`` times the step as meta-training runs it on all but one meta-step
+    in ``--step_metrics_every``: the queries scored after the last inner step only, as every
+    peer computes it; True, the step that also scores them after every inner step."""
     from maml_tf import train_loop
     run = train_loop.build(config, tempfile.mkdtemp(prefix="bench-"))
     episode = _episode(config)
-    step = train_loop.make_train_step(run)
+    train_step = train_loop.make_train_step(run)
+    step = lambda ep: train_step(ep, step_metrics=step_metrics)
     t0 = time.perf_counter()
     float(step(episode)["loss"])
     compile_s = time.perf_counter() - t0
@@ -143,7 +148,7 @@ MODELS = {"conv4": "auto", "resnet12": "resnet12",
 
 def child(case: str, order: str, windows: int, window_steps: int, inner_steps: int | None,
           recompute: bool, loop: bool, jit: bool = True, task_chunks: int = 1,
-          model: str = "conv4", meta_batch: int | None = None) -> dict:
+          model: str = "conv4", meta_batch: int | None = None, step_metrics: bool = False) -> dict:
     from maml_tf.config import Config
     algorithm = {"first": "fomaml", "second": "maml", "imaml": "imaml"}[order]
     values = dict(CASES[case], algorithm=algorithm,
@@ -154,14 +159,15 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
     if meta_batch is not None:
         values["meta_batch_size"] = meta_batch
     config = Config.from_dict(values)
-    run, episode, step, compile_s, steps_per_s = _measure(config, windows, window_steps)
+    run, episode, step, compile_s, steps_per_s = _measure(config, windows, window_steps,
+                                                          step_metrics)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # iMAML's step is not the meta-loss's gradient: its matmuls are not counted.
     flops = (float("nan") if algorithm == "imaml" else
              _counted_flops(run.learner, episode, config.inner_steps, config.first_order))
     out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
            "model": model,
-           "task_chunks": task_chunks,
+           "task_chunks": task_chunks, "step_metrics": step_metrics,
            "recompute": recompute, "meta_batch": config.meta_batch_size,
            "tasks_per_s": steps_per_s * config.meta_batch_size, "compile_s": compile_s,
            "peak_rss_mb": rss_mb, "gflop_per_step": flops / 1e9,
@@ -270,11 +276,16 @@ def main():
     p.add_argument("--inner_steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no_jit", action="store_true", help="meta-step without XLA")
+    p.add_argument("--step_metrics", action="store_true",
+                   help="time the meta-step that also scores the queries after every inner "
+                        "step (training runs it on one meta-step in --step_metrics_every); "
+                        "default: the one that scores the last step only, as the peers do")
     p.add_argument("--task_chunks", type=int, default=1,
                    help="compute each meta-gradient in this many sequential chunks of tasks")
     a = p.parse_args()
     common = [f"--windows={a.windows}", f"--window_steps={a.window_steps}",
               f"--task_chunks={a.task_chunks}"] + (
+        ["--step_metrics"] if a.step_metrics else []) + (
         [f"--meta_batch={a.meta_batch}"] if a.meta_batch else []) + (
         [f"--inner_steps={a.inner_steps}"] if a.inner_steps else [])
     if a.child and a.peak:
@@ -294,7 +305,7 @@ def main():
         print(json.dumps(child(a.case, a.order, a.windows, a.window_steps, a.inner_steps,
                                a.recompute, loop=not a.no_loop, jit=not a.no_jit,
                                task_chunks=a.task_chunks, model=a.model,
-                               meta_batch=a.meta_batch)))
+                               meta_batch=a.meta_batch, step_metrics=a.step_metrics)))
         return
     if a.memory:
         variants = {"plain": [], "recompute": ["--recompute"], "chunks": ["--task_chunks=4"],

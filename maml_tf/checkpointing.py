@@ -24,7 +24,8 @@ from maml_tf.config import Config, ConfigError
 RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
                   "data_source", "inner_recompute", "cpu_devices", "task_chunks",
-                  "eval_mode", "eval_queries", "eval_trajectories", "eval_later_inner_lr"}
+                  "eval_mode", "eval_queries", "eval_trajectories", "eval_later_inner_lr",
+                  "step_metrics_every"}
 
 
 LOCK_NAME = ".lock"

@@ -125,6 +125,7 @@ class Config:
     cpu_devices: int = 0
     jit_compile: bool = True
     log_every: int = 100
+    step_metrics_every: int = 10
     eval_every: int = 1000
     checkpoint_every: int = 1000
     on_nan: str = "fail"
@@ -315,6 +316,8 @@ class Config:
         _at_least("val_tasks", self.val_tasks, 1)
         for name in ("log_every", "eval_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 1)
+        _at_least("step_metrics_every", self.step_metrics_every, 1,
+                  "(1: the query metrics after every inner step on every meta-step)")
         _at_least("cpu_devices", self.cpu_devices, 0, "(0 keeps one CPU device)")
         _at_least("seed", self.seed, 0)
         _at_least("eval_seed", self.eval_seed, 0)

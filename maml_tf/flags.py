@@ -148,6 +148,12 @@ flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Fixed, seeded test tasks for 
 flags.DEFINE_integer("val_tasks", _D.val_tasks, "Fixed validation tasks for the learning curve.")
 flags.DEFINE_integer("eval_seed", _D.eval_seed, "Seed of the fixed validation and test tasks.")
 flags.DEFINE_integer("log_every", _D.log_every, "Iterations between console/TensorBoard logs.")
+flags.DEFINE_integer("step_metrics_every", _D.step_metrics_every,
+                     "Score the queries after every inner step (TensorBoard's query_loss/step_k "
+                     "and query_accuracy/step_k) on one meta-step in this many and on each "
+                     "logged one; the others score only the last step, which is all the "
+                     "meta-gradient needs (the same update, up to 2x faster with 5 inner steps). "
+                     "1: every meta-step.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Iterations between validation evaluations.")
 flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Iterations between checkpoints.")
 

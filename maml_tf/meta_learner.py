@@ -414,10 +414,12 @@ class MetaLearner(tf.Module):
                   iteration: tf.Tensor | None = None) -> tuple[tf.Tensor, StepMetrics]:
         """Query loss after ``steps`` inner steps, combined over tasks by ``objective``.
 
-        With ``track_steps`` the query metrics after every intermediate step are also
-        computed (for TensorBoard and the multi-step loss); otherwise only the first and
-        last. ``iteration`` (a scalar tensor) is the meta-training iteration, for
-        schedules inside the objective.
+        With ``track_steps`` the queries are scored after every inner step (``StepMetrics``
+        of ``[T, steps + 1]``, for TensorBoard and the multi-step loss); otherwise after the
+        last one only (``[T, 1]``), which is all the meta-gradient needs: with 5 inner steps
+        on mini-ImageNet the other query passes were half of the meta-step's time.
+        ``iteration`` (a scalar tensor) is the meta-training iteration, for schedules inside
+        the objective.
         """
         trajectory = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
                                      first_order)
@@ -429,11 +431,11 @@ class MetaLearner(tf.Module):
 
     def score(self, trajectory: list[list[tf.Tensor]], episode: Episode,
               extra: Sequence[tf.Tensor] = (), track_steps: bool = True) -> StepMetrics:
-        """Query metrics at each fast-weight set of ``trajectory`` (or its first and last)."""
+        """Query metrics at each fast-weight set of ``trajectory`` (or at its last only)."""
         return _stack(*self._score(trajectory, episode, extra, track_steps))
 
     def _score(self, trajectory, episode, extra, track_steps):
-        tracked = range(len(trajectory)) if track_steps else sorted({0, len(trajectory) - 1})
+        tracked = range(len(trajectory)) if track_steps else [len(trajectory) - 1]
         losses, metrics = [], []
         for k in tracked:
             loss, metric = self.query_metrics(trajectory[k], episode.query_x, episode.query_y,
@@ -443,17 +445,18 @@ class MetaLearner(tf.Module):
         return losses, metrics
 
     def meta_step(self, weights: list[tf.Tensor], episode: Episode, steps: int,
-                  iteration: tf.Tensor | None = None, first_order: bool | None = None
-                  ) -> tuple[tf.Tensor, list[tf.Tensor], StepMetrics]:
+                  iteration: tf.Tensor | None = None, first_order: bool | None = None,
+                  track_steps: bool = True) -> tuple[tf.Tensor, list[tf.Tensor], StepMetrics]:
         """(meta-loss, its gradient w.r.t. ``weights``, per-step metrics) for one meta-batch.
 
         The gradient is what the outer optimizer applies (a descent direction); Reptile
-        overrides it with its pseudo-gradient.
+        overrides it with its pseudo-gradient. ``track_steps`` as in ``meta_loss``: the
+        gradient is the same either way.
         """
         with tf.GradientTape() as tape:
             tape.watch(weights)
             loss, per_step = self.meta_loss(weights, episode, steps, first_order,
-                                            iteration=iteration)
+                                            track_steps, iteration)
         grads = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return loss, grads, per_step
 
@@ -461,6 +464,12 @@ class MetaLearner(tf.Module):
     def first_order_at(self, iteration: int) -> bool:
         """Whether meta-training iteration ``iteration`` (0-based) drops the second-order term."""
         return self.first_order
+
+    def scores_every_step_at(self, iteration: int) -> bool:
+        """Whether meta-training iteration ``iteration`` (0-based) must score the queries
+        after every inner step whatever ``--step_metrics_every`` says, because its update
+        reads them (MAML++'s multi-step loss and per-step batch-norm statistics)."""
+        return False
 
     def write_summaries(self, step: int) -> None:
         """Writes the algorithm's extra state (learned rates, loss weights) to TensorBoard."""

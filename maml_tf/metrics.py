@@ -26,6 +26,8 @@ class TrainMetrics:
         self.means["meta_loss"].update_state(out["loss"])
         self.means["grad_norm"].update_state(out["grad_norm"])
         self.means["nonfinite"].update_state(out["nonfinite"])
+        if "step_loss" not in out:   # a meta-step that scored the last inner step only
+            return
         for k, v in enumerate(tf.unstack(out["step_loss"])):
             self.means[f"query_loss/step_{k}"].update_state(v)
         if "step_accuracy" in out:
@@ -34,8 +36,10 @@ class TrainMetrics:
 
     def write(self, step: int, steps_in_window: int, tasks_per_step: int, total_steps: int,
               lr: float) -> dict[str, float]:
-        """Writes the window's means (the default summary writer must be set), resets."""
-        values = {n: float(m.result()) for n, m in self.means.items()}
+        """Writes the window's means (the default summary writer must be set), resets.
+        The per-step query metrics average the window's meta-steps that computed them
+        (``--step_metrics_every``); the meta-loss averages all of its meta-steps."""
+        values = {n: float(m.result()) for n, m in self.means.items() if float(m.count) > 0}
         elapsed = max(time.time() - self.window_start, 1e-9)
         # steps_in_window counts the timed steps (the compiling first step is not one): a
         # window of none has no rate yet.
@@ -44,7 +48,7 @@ class TrainMetrics:
         values["learning_rate"] = lr
         for name, v in values.items():
             tf.summary.scalar(name, v, step=step)
-        last = [n for n in self.names if n.startswith("query_")]
+        last = [n for n in self.names if n.startswith("query_") and n in values]
         shown = " ".join(f"{n.split('/')[0][6:]}{n[-1]}={values[n]:.4f}" for n in last)
         if steps_in_window > 0:
             eta = _hms((total_steps - step) * elapsed / steps_in_window)

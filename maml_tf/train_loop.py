@@ -78,6 +78,17 @@ class Schedule:
     def log(self, step: int) -> bool:
         return self._every(step, self.config.log_every)
 
+    def step_metrics(self, step: int) -> bool:
+        """Whether the meta-step scores the queries after every inner step: one in
+        ``step_metrics_every`` and every logged one, so each logging window has some."""
+        return self.log(step) or step % self.config.step_metrics_every == 0
+
+    def mixes_step_metrics(self, learner, iteration: int) -> bool:
+        """Whether meta-steps with and without per-step metrics both follow ``iteration``
+        (0-based), i.e. both programs will run."""
+        return (self.config.step_metrics_every > 1 and self.config.log_every > 1 and
+                learner.reports_inner_steps and not learner.scores_every_step_at(iteration))
+
     def validate(self, step: int) -> bool:
         return self._every(step, self.config.eval_every)
 
@@ -244,26 +255,31 @@ INDEX_LEGEND = {
 def make_train_step(run: Run):
     """The meta-step: per-replica meta-gradients (XLA), all-reduced, checked, applied.
 
-    Returns ``train_step(episode, first_order: bool)``; the flag is a Python value, so each
-    setting compiles once (MAML++ switches from first to second order once).
+    Returns ``train_step(episode, first_order=None, step_metrics=True)``. Both flags are
+    Python values, so each setting compiles once (MAML++ switches from first to second order
+    once). ``step_metrics``: also score the queries after every inner step (the output's
+    ``step_loss`` / ``step_accuracy``, ``[steps + 1]``); without it the step scores only
+    the last one, which is the same update at up to half the cost, and returns no per-step
+    metrics. ``train_step.compile(episode, first_order, step_metrics)`` compiles (and
+    runs, without applying) one setting's meta-gradient, so that timing can exclude it.
     """
     config, strategy, learner = run.config, run.strategy, run.learner
     variables = learner.meta_variables
     steps = train_inner_steps(config)
     replicas = strategy.num_replicas_in_sync
 
-    def chunk_gradient(weights, episode, iteration, first_order):
+    def chunk_gradient(weights, episode, iteration, first_order, step_metrics):
         loss, grads, per_step = learner.meta_step(weights, episode, steps, iteration,
-                                                  first_order)
+                                                  first_order, step_metrics)
         acc = per_step.accuracy if per_step.accuracy is not None else per_step.loss
         # Only the meta-variables are trained; the learner's state gets its own update.
         return [loss, grads[:len(variables)], tf.reduce_mean(per_step.loss, 0),
                 tf.reduce_mean(acc, 0), list(per_step.state_update or [])]
 
     @tf.function(jit_compile=config.jit_compile)
-    def meta_gradient(weights, episode, iteration, first_order):
-        fn = lambda ep: chunk_gradient(weights, ep, iteration, first_order)
-        columns = steps + 1 if learner.reports_inner_steps else 1
+    def meta_gradient(weights, episode, iteration, first_order, step_metrics):
+        fn = lambda ep: chunk_gradient(weights, ep, iteration, first_order, step_metrics)
+        columns = steps + 1 if learner.reports_inner_steps and step_metrics else 1
         loss, grads, step_loss, step_acc, state = (
             fn(episode) if config.task_chunks == 1 else
             _mean_over_chunks(fn, episode, config.task_chunks, weights, len(variables), columns))
@@ -272,11 +288,12 @@ def make_train_step(run: Run):
         grads = [g / replicas for g in grads]
         return loss, grads, step_loss, step_acc, state
 
-    def replica_fn(episode, iteration, first_order):
+    def replica_fn(episode, iteration, first_order, step_metrics):
         # Weights enter the XLA cluster as tensors read on this replica's device: XLA
         # cannot use a mirrored variable's copy that lives on another (logical) device.
         loss, grads, step_loss, step_acc, state = meta_gradient(
-            [tf.identity(w) for w in learner.meta_weights()], episode, iteration, first_order)
+            [tf.identity(w) for w in learner.meta_weights()], episode, iteration, first_order,
+            step_metrics)
         # All-reduce here, in the replica context, so every replica holds the global values.
         ctx = tf.distribute.get_replica_context()
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
@@ -291,9 +308,9 @@ def make_train_step(run: Run):
         return tf.constant(True)
 
     @tf.function
-    def gradients(episode, first_order):
+    def gradients(episode, first_order, step_metrics):
         iteration = tf.cast(run.step, tf.float32)
-        reduced = strategy.run(lambda ep, it: replica_fn(ep, it, first_order),
+        reduced = strategy.run(lambda ep, it: replica_fn(ep, it, first_order, step_metrics),
                                args=(episode, iteration))
         # Every replica holds the same all-reduced values: take replica 0's.
         loss, grads, step_loss, step_acc, state = tf.nest.map_structure(
@@ -315,16 +332,27 @@ def make_train_step(run: Run):
         tf.cond(ok, lambda: apply(grads, state), lambda: tf.constant(False))
         run.step.assign_add(1)
 
-    def train_step(episode, first_order=None):
-        first_order = learner.first_order if first_order is None else first_order
-        loss, grads, grad_norm, ok, step_loss, step_acc, state = gradients(episode, first_order)
+    def setting(first_order, step_metrics):
+        # A learner without inner steps scores its queries once either way: one program.
+        return (learner.first_order if first_order is None else first_order,
+                step_metrics or not learner.reports_inner_steps)
+
+    def train_step(episode, first_order=None, step_metrics=True):
+        first_order, step_metrics = setting(first_order, step_metrics)
+        loss, grads, grad_norm, ok, step_loss, step_acc, state = gradients(
+            episode, first_order, step_metrics)
         update(grads, state, ok)
-        out = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - tf.cast(ok, tf.float32),
-               "step_loss": step_loss}
-        if not config.is_regression:
-            out["step_accuracy"] = step_acc
+        out = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - tf.cast(ok, tf.float32)}
+        if step_metrics:
+            out["step_loss"] = step_loss
+            if not config.is_regression:
+                out["step_accuracy"] = step_acc
         return out
 
+    def compile_setting(episode, first_order=None, step_metrics=True):
+        float(gradients(episode, *setting(first_order, step_metrics))[0])
+
+    train_step.compile = compile_setting
     return train_step
 
 
@@ -448,11 +476,18 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
             _validate(r, eval_step, start, history)
             checkpointing.atomic_write_json(os.path.join(workdir, "history.json"), history)
         for step in range(start + 1, config.num_iterations + 1):
+            first_order = r.learner.first_order_at(step - 1)
+            step_metrics = schedule.step_metrics(step) or r.learner.scores_every_step_at(step - 1)
+            batch = next(batches)
             if step == start + 1:
                 logging.info("Compiling the meta-step%s ...", " with XLA" if config.jit_compile else "")
-            out = train_step(next(batches), r.learner.first_order_at(step - 1))
+            out = train_step(batch, first_order, step_metrics)
             if step == start + 1:
                 float(out["loss"])   # wait for it: the first step is the compilation
+                # The steps with and without per-step metrics are two programs: compile the
+                # other now, so that no logging window's rate includes a compilation.
+                if schedule.mixes_step_metrics(r.learner, step - 1):
+                    train_step.compile(batch, first_order, not step_metrics)
                 logging.info("Compiled the meta-step in %.1f s (not counted in tasks/s).",
                              time.time() - t0)
                 window.window_start, timed_from = time.time(), step

@@ -278,6 +278,21 @@ class MamlPlusPlusTest(tf.test.TestCase):
                             np.mean([3.0, 2.5, 2.0, 2.0]))
         self.assertAllClose(learner.objective(step_losses, tf.constant(100.0)), 2.0)
 
+    def test_scores_every_step_while_its_update_reads_them(self):
+        # The multi-step loss reads every step's query loss for msl_iterations; the per-step
+        # running statistics are recorded from every step's query pass. Otherwise the loop
+        # may score the last step only (--step_metrics_every).
+        plain = _config("mamlpp", inner_steps=3)
+        msl = _config("mamlpp", inner_steps=3, msl_iterations=5)
+        bnrs = _config("mamlpp", inner_steps=3, bnrs=True)
+        scores = lambda c: [build_learner(c, get_model(c)).scores_every_step_at(i)
+                            for i in (0, 4, 5, 100)]
+        self.assertEqual(scores(plain), [False] * 4)
+        self.assertEqual(scores(msl), [True, True, False, False])
+        self.assertEqual(scores(bnrs), [True] * 4)
+        maml = _config("maml", inner_steps=3)
+        self.assertFalse(build_learner(maml, get_model(maml)).scores_every_step_at(0))
+
     def test_derivative_order_annealing_switches_once(self):
         config = _config("mamlpp", da_iterations=3)
         learner = build_learner(config, get_model(config))

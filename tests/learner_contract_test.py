@@ -135,6 +135,21 @@ class LearnerContract:
         self.assertEqual(per_step.accuracy.shape, (TASKS, self._columns(3)))
         self.assertTrue(np.all(np.isfinite(per_step.loss.numpy())))
 
+    def test_scoring_the_last_step_only_gives_the_same_update(self):
+        # Meta-training scores every inner step's queries on one meta-step in
+        # --step_metrics_every only: the others must compute exactly the same update.
+        ep, steps = _separable_episode(6), max(self.steps, 2)
+        weights = self.learner.meta_weights()
+        loss, grads, every = self.learner.meta_step(weights, ep, steps)
+        loss_last, grads_last, last = self.learner.meta_step(weights, ep, steps,
+                                                             track_steps=False)
+        self.assertAllClose(loss_last, loss, rtol=1e-6)
+        for a, b in zip(grads_last, grads):
+            self.assertAllClose(a, b, rtol=1e-5, atol=1e-7)
+        self.assertEqual(last.loss.shape, (TASKS, 1))
+        self.assertAllClose(last.loss[:, 0], every.loss[:, -1], rtol=1e-6)
+        self.assertAllClose(last.accuracy[:, 0], every.accuracy[:, -1])
+
     def test_evaluation_reports_metrics_along_its_axis(self):
         # After 0..S inner steps, after 0..K shots seen (black-box learners), or one column;
         # for a black-box learner the last column is the prediction from the whole support.

@@ -230,6 +230,28 @@ def test_tensorboard_gets_per_step_metrics_rates_and_the_sinusoid_figure(tmp_pat
     assert "test_5shot/loss/step_2" in eval_scalars
 
 
+def test_per_step_metrics_come_from_one_meta_step_in_n_and_every_logged_one():
+    import tensorflow as tf
+    from maml_tf import metrics as metrics_lib
+    schedule = train_loop.Schedule(smoke(num_iterations=9, log_every=4, step_metrics_every=3))
+    assert [s for s in range(1, 10) if schedule.step_metrics(s)] == [3, 4, 6, 8, 9]
+    window = metrics_lib.TrainMetrics(inner_steps=1, regression=False)
+    scalar = lambda v: tf.constant(v, tf.float32)
+    base = lambda loss: {"loss": scalar(loss), "grad_norm": scalar(1.0), "nonfinite": scalar(0.0)}
+    window.update({**base(1.0), "step_loss": scalar([2.0, 1.0]),
+                   "step_accuracy": scalar([0.2, 0.9])})
+    window.update(base(4.0))      # a meta-step that scored the last inner step only
+    window.update({**base(1.0), "step_loss": scalar([4.0, 0.5]),
+                   "step_accuracy": scalar([0.4, 0.7])})
+    values = window.write(step=3, steps_in_window=3, tasks_per_step=2, total_steps=9, lr=0.1)
+    assert values["meta_loss"] == 2.0                       # all three meta-steps
+    assert values["query_loss/step_0"] == 3.0               # the two that scored every step
+    np.testing.assert_allclose(values["query_accuracy/step_1"], 0.8)
+    window.update(base(5.0))      # a window with none writes no per-step values
+    values = window.write(step=4, steps_in_window=1, tasks_per_step=2, total_steps=9, lr=0.1)
+    assert values["meta_loss"] == 5.0 and not any(k.startswith("query_") for k in values)
+
+
 def _values(directory, tag):
     from tensorboard.backend.event_processing import event_accumulator
     acc = event_accumulator.EventAccumulator(directory, size_guidance={"tensors": 0})

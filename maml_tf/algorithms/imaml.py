@@ -54,7 +54,8 @@ class IMAML(MetaLearner):
         # Never an outer tape through the inner loop: the meta-gradient is implicit.
         return super().inner_loop(weights, x, y, steps, first_order=True)
 
-    def meta_step(self, weights, episode, steps, iteration=None, first_order=None):
+    def meta_step(self, weights, episode, steps, iteration=None, first_order=None,
+                  track_steps=True):
         trajectory = self.inner_loop(weights, episode.support_x, episode.support_y, steps)
         phi = [tf.stop_gradient(p) for p in trajectory[-1]]
         net_weights, extra = self.split(weights)
@@ -70,7 +71,8 @@ class IMAML(MetaLearner):
         grads = [tf.cast(tf.reduce_sum(vi, 0) / num_tasks, w.dtype)
                  for vi, w in zip(v, net_weights)]
         # The last step's query pass is the one above: only the earlier steps are scored here.
-        losses, metrics = self._score(trajectory[:-1], episode, extra, True)
+        losses, metrics = self._score(trajectory[:-1], episode, extra, True) if track_steps \
+            else ([], [])
         per_step = _stack(losses + [query_loss], metrics + [query_metric])
         loss = tf.reduce_mean(query_loss)
         return loss, grads + [tf.zeros_like(e) for e in extra], per_step

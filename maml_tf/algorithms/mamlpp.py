@@ -93,13 +93,15 @@ class MamlPlusPlus(MetaLearner):
         finally:
             self._record.query = False
 
-    def meta_step(self, weights, episode, steps, iteration=None, first_order=None):
+    def meta_step(self, weights, episode, steps, iteration=None, first_order=None,
+                  track_steps=True):
         if not self.bnrs:
-            return super().meta_step(weights, episode, steps, iteration, first_order)
+            return super().meta_step(weights, episode, steps, iteration, first_order,
+                                     track_steps)
         self._record.calls = {}
         try:
             loss, grads, per_step = super().meta_step(weights, episode, steps, iteration,
-                                                      first_order)
+                                                      first_order, track_steps)
             collected = self._record.calls
         finally:
             self._record.calls = None
@@ -141,6 +143,8 @@ class MamlPlusPlus(MetaLearner):
         return tf.concat([early, [last]], axis=0)
 
     def objective(self, step_losses, iteration):
+        # One loss only: the queries were scored after the last step alone, which the train
+        # loop does past the multi-step phase only (scores_every_step_at).
         if not self.msl_iterations or iteration is None or self.steps < 2 or \
                 len(step_losses) != self.steps + 1:
             return super().objective(step_losses, iteration)
@@ -151,6 +155,12 @@ class MamlPlusPlus(MetaLearner):
 
     def first_order_at(self, iteration):
         return self.first_order or iteration < self.da_iterations
+
+    def scores_every_step_at(self, iteration):
+        # The multi-step loss weighs every step's query loss; the per-step running statistics
+        # are recorded from every step's query pass as well as the support's.
+        return self.bnrs or (bool(self.msl_iterations) and self.steps >= 2 and
+                             iteration < self.msl_iterations)
 
     def write_summaries(self, step):
         if self.lslr is not None:

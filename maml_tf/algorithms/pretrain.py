@@ -39,9 +39,11 @@ class Pretrain(MetaLearner):
             weights = net_weights[:-nh] + [tf.zeros_like(w) for w in net_weights[-nh:]] + extra
         return super().inner_loop(weights, x, y, steps, first_order)
 
-    def meta_step(self, weights, episode, steps, iteration=None, first_order=None):
+    def meta_step(self, weights, episode, steps, iteration=None, first_order=None,
+                  track_steps=True):
         if not self.num_classes:
-            return super().meta_step(weights, episode, steps, iteration, first_order)
+            return super().meta_step(weights, episode, steps, iteration, first_order,
+                                     track_steps)
         if episode.classes is None:
             raise ValueError("Pre-training on all classes needs Episode.classes (the split-level "
                              "class of each label); the data pipelines provide it.")

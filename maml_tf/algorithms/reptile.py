@@ -23,12 +23,13 @@ class Reptile(MetaLearner):
     def __init__(self, model, **kwargs):
         super().__init__(model, **{**kwargs, "first_order": True})
 
-    def meta_step(self, weights, episode, steps, iteration=None, first_order=None):
+    def meta_step(self, weights, episode, steps, iteration=None, first_order=None,
+                  track_steps=True):
         trajectory = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
                                      first_order=True)
         net_weights, extra = self.split(weights)
         grads = [w - tf.cast(tf.reduce_mean(phi, axis=0), w.dtype)
                  for w, phi in zip(net_weights, trajectory[-1])]
-        per_step = self.score(trajectory, episode, extra)
+        per_step = self.score(trajectory, episode, extra, track_steps)
         loss = tf.reduce_mean(per_step.loss[:, -1])   # for logging: no gradient is taken
         return loss, grads + [tf.zeros_like(e) for e in extra], per_step
