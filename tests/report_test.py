@@ -11,7 +11,10 @@ from maml_tf.config import Config
 
 SMOKE = {"num_iterations": 2, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
          "eval_tasks": 10, "val_tasks": 4, "meta_batch_size": 2, "eval_shots": [3, 5],
-         "eval_inner_steps": 2}
+         "eval_inner_steps": 2,
+         # One program per run: meta-steps with and without per-step metrics compile
+         # apart (the resume and distribute tests run both).
+         "step_metrics_every": 1}
 
 
 def _row(text: str, prefix: str) -> list[str]:

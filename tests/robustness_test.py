@@ -88,7 +88,10 @@ def test_training_writes_only_inside_its_workdir(tmp_path, monkeypatch):
 
 # -- one owner per workdir; SIGTERM / SIGINT save; damaged checkpoints; history ------------------
 SMOKE = {"num_iterations": 4, "log_every": 2, "eval_every": 1, "checkpoint_every": 2,
-         "eval_tasks": 4, "val_tasks": 2, "meta_batch_size": 2}
+         "eval_tasks": 4, "val_tasks": 2, "meta_batch_size": 2,
+         # One program per run: meta-steps with and without per-step metrics compile
+         # apart (the resume and distribute tests run both).
+         "step_metrics_every": 1}
 
 
 def _wait_for(proc, path_glob, timeout=120):

@@ -18,7 +18,10 @@ from maml_tf.config import Config, ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = {"num_iterations": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
          "eval_tasks": 10, "val_tasks": 4, "meta_batch_size": 2, "eval_shots": [3, 5],
-         "eval_inner_steps": 2}
+         "eval_inner_steps": 2,
+         # One program per run: meta-steps with and without per-step metrics compile
+         # apart (the resume and distribute tests run both).
+         "step_metrics_every": 1}
 
 
 def smoke(**kw) -> Config:
@@ -54,10 +57,13 @@ def test_sinusoid_run_writes_events_checkpoints_flags_and_results(tmp_path):
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run_bitwise(tmp_path):
+    # Per-step metrics on iterations 2, 3, 4 and 6 only: the resumed session starts with a
+    # meta-step that scores the last inner step only, and compiles both programs first.
+    smoke_mixed = lambda n: smoke(num_iterations=n, step_metrics_every=3)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_loop.run(smoke(num_iterations=6), straight)
-    train_loop.run(smoke(num_iterations=4), resumed)
-    train_loop.run(smoke(num_iterations=6), resumed)   # resumes at 4
+    train_loop.run(smoke_mixed(6), straight)
+    train_loop.run(smoke_mixed(4), resumed)
+    train_loop.run(smoke_mixed(6), resumed)   # resumes at 4
     (w1, s1), (w2, s2) = weights_of(straight), weights_of(resumed)
     assert s1 == s2 == 6
     for a, b in zip(w1, w2):
