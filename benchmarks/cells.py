@@ -46,7 +46,7 @@ def child(cfg: str, steps: int) -> dict:
     t0 = time.perf_counter()
     for i in range(1, 4):
         float(step(next(batches), i)["loss"])
-    if schedule.mixes_step_metrics(run.learner, 0):
+    if schedule.other_program_follows(run.learner, 3):
         train_step.compile(next(batches), run.learner.first_order_at(0), True)
     warmup = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -83,11 +83,14 @@ class Schedule:
         ``step_metrics_every`` and every logged one, so each logging window has some."""
         return self.log(step) or step % self.config.step_metrics_every == 0
 
-    def mixes_step_metrics(self, learner, iteration: int) -> bool:
-        """Whether meta-steps with and without per-step metrics both follow ``iteration``
-        (0-based), i.e. both programs will run."""
-        return (self.config.step_metrics_every > 1 and self.config.log_every > 1 and
-                learner.reports_inner_steps and not learner.scores_every_step_at(iteration))
+    def other_program_follows(self, learner, step: int) -> bool:
+        """Whether a later iteration of this run than ``step`` runs the other of the two
+        meta-step programs (with and without per-step metrics), so both are compiled."""
+        if not learner.reports_inner_steps or learner.scores_every_step_at(step - 1):
+            return False
+        now = self.step_metrics(step)
+        last = min(self.config.num_iterations, step + self.config.step_metrics_every)
+        return any(self.step_metrics(s) != now for s in range(step + 1, last + 1))
 
     def validate(self, step: int) -> bool:
         return self._every(step, self.config.eval_every)
@@ -486,7 +489,7 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
                 float(out["loss"])   # wait for it: the first step is the compilation
                 # The steps with and without per-step metrics are two programs: compile the
                 # other now, so that no logging window's rate includes a compilation.
-                if schedule.mixes_step_metrics(r.learner, step - 1):
+                if schedule.other_program_follows(r.learner, step):
                     train_step.compile(batch, first_order, not step_metrics)
                 logging.info("Compiled the meta-step in %.1f s (not counted in tasks/s).",
                              time.time() - t0)

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -241,6 +242,15 @@ def test_per_step_metrics_come_from_one_meta_step_in_n_and_every_logged_one():
     from maml_tf import metrics as metrics_lib
     schedule = train_loop.Schedule(smoke(num_iterations=9, log_every=4, step_metrics_every=3))
     assert [s for s in range(1, 10) if schedule.step_metrics(s)] == [3, 4, 6, 8, 9]
+    # The other program is compiled up front only where a later iteration runs it.
+    maml = train_loop.build(smoke(), tempfile.mkdtemp()).learner
+    assert [schedule.other_program_follows(maml, s) for s in (1, 6, 8, 9)] == [
+        True, True, False, False]
+    once = train_loop.Schedule(smoke(num_iterations=1, log_every=4, step_metrics_every=3))
+    assert not once.other_program_follows(maml, 1)
+    protonet = train_loop.build(smoke(dataset="omniglot", algorithm="protonet", num_filters=4),
+                                tempfile.mkdtemp()).learner
+    assert not schedule.other_program_follows(protonet, 1)   # one program only
     window = metrics_lib.TrainMetrics(inner_steps=1, regression=False)
     scalar = lambda v: tf.constant(v, tf.float32)
     base = lambda loss: {"loss": scalar(loss), "grad_norm": scalar(1.0), "nonfinite": scalar(0.0)}
