@@ -39,15 +39,15 @@ def child(cfg: str, steps: int) -> dict:
     schedule = train_loop.Schedule(config)
     # Iteration i scores every inner step's queries where training would (--step_metrics_every
     # and the logged iterations), so the rate is training's own mix of the two programs.
-    step = lambda batch, i: train_step(
-        batch, run.learner.first_order_at(i - 1),
-        schedule.step_metrics(i) or run.learner.scores_every_step_at(i - 1))
+    step = lambda batch, i: train_step(batch, run.learner.first_order_at(i - 1),
+                                       schedule.step_metrics(i, run.learner))
     batches = iter(data_lib.train_dataset(config))
     t0 = time.perf_counter()
     for i in range(1, 4):
         float(step(next(batches), i)["loss"])
     if schedule.other_program_follows(run.learner, 3):
-        train_step.compile(next(batches), run.learner.first_order_at(0), True)
+        train_step.compile(next(batches), run.learner.first_order_at(2),
+                           not schedule.step_metrics(3, run.learner))
     warmup = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(4, 4 + steps):

@@ -78,19 +78,21 @@ class Schedule:
     def log(self, step: int) -> bool:
         return self._every(step, self.config.log_every)
 
-    def step_metrics(self, step: int) -> bool:
+    def step_metrics(self, step: int, learner=None) -> bool:
         """Whether the meta-step scores the queries after every inner step: one in
-        ``step_metrics_every`` and every logged one, so each logging window has some."""
-        return self.log(step) or step % self.config.step_metrics_every == 0
+        ``step_metrics_every`` and every logged one, so each logging window has some, and
+        every one whose update reads them (``learner.scores_every_step_at``)."""
+        return (self.log(step) or step % self.config.step_metrics_every == 0 or
+                (learner is not None and learner.scores_every_step_at(step - 1)))
 
     def other_program_follows(self, learner, step: int) -> bool:
         """Whether a later iteration of this run than ``step`` runs the other of the two
         meta-step programs (with and without per-step metrics), so both are compiled."""
-        if not learner.reports_inner_steps or learner.scores_every_step_at(step - 1):
+        if not learner.reports_inner_steps:
             return False
-        now = self.step_metrics(step)
+        now = self.step_metrics(step, learner)
         last = min(self.config.num_iterations, step + self.config.step_metrics_every)
-        return any(self.step_metrics(s) != now for s in range(step + 1, last + 1))
+        return any(self.step_metrics(s, learner) != now for s in range(step + 1, last + 1))
 
     def validate(self, step: int) -> bool:
         return self._every(step, self.config.eval_every)
@@ -480,7 +482,7 @@ def _run(config: Config, workdir: str, overwrite: bool, model, stop: _StopSignal
             checkpointing.atomic_write_json(os.path.join(workdir, "history.json"), history)
         for step in range(start + 1, config.num_iterations + 1):
             first_order = r.learner.first_order_at(step - 1)
-            step_metrics = schedule.step_metrics(step) or r.learner.scores_every_step_at(step - 1)
+            step_metrics = schedule.step_metrics(step, r.learner)
             batch = next(batches)
             if step == start + 1:
                 logging.info("Compiling the meta-step%s ...", " with XLA" if config.jit_compile else "")
