@@ -151,6 +151,51 @@ class ExactnessTest(tf.test.TestCase, parameterized.TestCase):
         learner = maml_tf.MAML(model, inner_lr=0.3)
         self.assertLess(_fd_error(learner, _episode(3, shape=(16, 16, 3)), directions=3), 1e-6)
 
+    def test_native_convolution_equals_im2col_to_the_third_derivative(self):
+        """Stride-1 convolutions run natively with a custom gradient (models/layers.py); it
+        must equal the im2col form at every order, for shared and per-task kernels, 'same'
+        (odd and even kernels) and 'valid' padding."""
+        from maml_tf.models import layers
+        rng = np.random.default_rng(5)
+
+        def derivatives(x, k, padding, r):
+            with tf.GradientTape() as t3:
+                t3.watch(k)
+                with tf.GradientTape() as t2:
+                    t2.watch([x, k])
+                    with tf.GradientTape() as t1:
+                        t1.watch([x, k])
+                        loss = tf.reduce_sum(tf.tanh(layers.conv2d(x, k, padding=padding)) * r)
+                    gx, gk = t1.gradient(loss, [x, k])
+                    second = tf.reduce_sum(gx ** 3) + tf.reduce_sum(tf.sin(gk))
+                hx, hk = t2.gradient(second, [x, k])
+                third = tf.reduce_sum(hx * hx) + tf.reduce_sum(hk ** 2)
+            return [loss, gx, gk, hx, hk, t3.gradient(third, k)]
+
+        for kernels, size, padding in [(3, 3, "same"), (1, 3, "same"), (2, 2, "same"),
+                                       (2, 3, "valid"), (1, 4, "valid")]:
+            tasks = max(kernels, 2)
+            x = tf.constant(rng.normal(size=[tasks, 2, 7, 6, 3]))
+            k = tf.constant(rng.normal(size=[kernels, size, size, 3, 4]) * 0.3)
+            calls = []
+            native = layers._native_conv2d
+            layers._native_conv2d = lambda *a: calls.append(1) or native(*a)
+            try:
+                r = tf.constant(rng.normal(size=layers.conv2d(x, k, padding=padding).shape))
+                fast = derivatives(x, k, padding, r)
+                self.assertTrue(calls, "the native path was not taken")
+                layers.NATIVE_CONV_MAX_KERNELS, limit = 0, layers.NATIVE_CONV_MAX_KERNELS
+                calls.clear()
+                try:
+                    reference = derivatives(x, k, padding, r)
+                finally:
+                    layers.NATIVE_CONV_MAX_KERNELS = limit
+                self.assertFalse(calls)
+            finally:
+                layers._native_conv2d = native
+            for a, b in zip(fast, reference):
+                self.assertAllClose(a, b, rtol=1e-12, atol=1e-12 * float(tf.reduce_max(tf.abs(b))))
+
     @parameterized.named_parameters(("functional", conv_bn_relu_maxpool),
                                     ("subclassed", _subclassed),
                                     ("many_layers", lambda dtype: many_layers(dtype, dropout=0.0)))
