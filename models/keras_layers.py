@@ -15,7 +15,8 @@ own, written so that every derivative is exact:
   first derivatives are right, second-order meta-gradients are not.
 * Max-pooling is slices + ``reduce_max``: XLA's second derivative of the ``MaxPool`` op
   is wrong in float32.
-* Convolutions are im2col + one batched matmul (see ``models.layers.conv2d``).
+* Convolutions are native at stride 1 (a custom gradient made of convolutions), else
+  im2col + one batched matmul (see ``models.layers.conv2d``).
 
 ``SUPPORTED`` maps a layer class (exactly; a subclass may change ``call``) to
 ``(check, fn)``: ``check(layer)`` returns why this configuration is not supported, or
