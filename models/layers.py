@@ -8,9 +8,9 @@ Every layer here implements ``batched_apply(params, x, training)``:
 
 The meta-learner runs the inner loop of T tasks at once through this method (one
 batched matmul per layer instead of T small ones; a stride-1 convolution is the native
-convolution, one per task's kernel, with a gradient written as convolutions again). The ordinary Keras ``call`` is the
-same function with ``T = 1`` and the layer's own variables, so a model built from these
-layers is also a normal ``keras.Model``.
+convolution, one per task's kernel, with a gradient written as convolutions again). The
+ordinary Keras ``call`` is the same function with ``T = 1`` and the layer's own variables,
+so a model built from these layers is also a normal ``keras.Model``.
 
 Two traps are avoided on purpose:
 
@@ -79,7 +79,7 @@ def conv2d(x, kernel, strides=(1, 1), padding="same", dilation=(1, 1)):
 
     Stride 1 without dilation, with at most ``NATIVE_CONV_MAX_KERNELS`` kernels, runs the
     native convolution (``_native_conv2d``: no 9x im2col buffer; mini-ImageNet's Conv-4 step
-    is 1.26x faster with 44% less memory under XLA on a CPU, benchmarks/README.md).
+    is 1.25x faster with 44% less memory under XLA on a CPU, benchmarks/README.md).
     Otherwise im2col + one batched matmul, written with pads, strided slices and ``matmul``
     only. Both have exact derivatives of every order.
     """
