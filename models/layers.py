@@ -111,6 +111,9 @@ def _native_conv2d(x, kernel, pads):
     convolutions, exact at every order). TF's own gradient of the op is never used."""
     (kh, kw), (top, bottom, left, right) = kernel.shape[1:3], pads
 
+    def merge_tasks(a):   # [T, N, H, W, C] -> [T * N, H, W, C], for a kernel all tasks share
+        return tf.reshape(a, [-1] + a.shape[2:].as_list())
+
     def forward(xk, kk):
         return tf.nn.conv2d(xk, kk, 1, [[0, 0], [top, bottom], [left, right], [0, 0]])
 
@@ -126,13 +129,12 @@ def _native_conv2d(x, kernel, pads):
             dx = _native_conv2d(dy, flipped, (kh - 1 - top, kh - 1 - bottom,
                                               kw - 1 - left, kw - 1 - right))
             if kernel.shape[0] == 1:
-                merged = [tf.reshape(a, [-1] + a.shape[2:].as_list()) for a in (x, dy)]
-                dk = dkernel(merged[0], kernel[0], merged[1])[None]
+                dk = dkernel(merge_tasks(x), kernel[0], merge_tasks(dy))[None]
             else:
                 dk = tf.stack([dkernel(x[t], kernel[t], dy[t]) for t in range(kernel.shape[0])])
             return dx, dk
         if kernel.shape[0] == 1:
-            out = forward(tf.reshape(x, [-1] + x.shape[2:].as_list()), kernel[0])
+            out = forward(merge_tasks(x), kernel[0])
             out = tf.reshape(out, [tf.shape(x)[0], tf.shape(x)[1]] + out.shape[1:].as_list())
         else:
             out = tf.stack([forward(x[t], kernel[t]) for t in range(kernel.shape[0])])

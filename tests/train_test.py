@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -237,19 +236,19 @@ def test_tensorboard_gets_per_step_metrics_rates_and_the_sinusoid_figure(tmp_pat
     assert "test_5shot/loss/step_2" in eval_scalars
 
 
-def test_per_step_metrics_come_from_one_meta_step_in_n_and_every_logged_one():
+def test_per_step_metrics_come_from_one_meta_step_in_n_and_every_logged_one(tmp_path):
     import tensorflow as tf
     from maml_tf import metrics as metrics_lib
     schedule = train_loop.Schedule(smoke(num_iterations=9, log_every=4, step_metrics_every=3))
     assert [s for s in range(1, 10) if schedule.step_metrics(s)] == [3, 4, 6, 8, 9]
     # The other program is compiled up front only where a later iteration runs it.
-    maml = train_loop.build(smoke(), tempfile.mkdtemp()).learner
+    maml = train_loop.build(smoke(), str(tmp_path / "maml")).learner
     assert [schedule.other_program_follows(maml, s) for s in (1, 6, 8, 9)] == [
         True, True, False, False]
     once = train_loop.Schedule(smoke(num_iterations=1, log_every=4, step_metrics_every=3))
     assert not once.other_program_follows(maml, 1)
     protonet = train_loop.build(smoke(dataset="omniglot", algorithm="protonet", num_filters=4),
-                                tempfile.mkdtemp()).learner
+                                str(tmp_path / "protonet")).learner
     assert not schedule.other_program_follows(protonet, 1)   # one program only
     window = metrics_lib.TrainMetrics(inner_steps=1, regression=False)
     scalar = lambda v: tf.constant(v, tf.float32)
