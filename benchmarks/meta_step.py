@@ -109,22 +109,21 @@ def _counted_flops(learner, episode, steps, first_order):
               for m in map(_SHAPE.match, hlo.splitlines()) if m}
     total = 0
     for line in hlo.splitlines():
-        if " dot(" in line:
-            out = shapes[_SHAPE.match(line).group(1)]
+        if " dot(" in line:   # k: the product of the lhs's contracting dimensions
             lhs = re.search(r"dot\(%?([\w.\-]+)", line).group(1)
             dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
             k = int(np.prod([shapes[lhs][int(i)] for i in dims.split(",") if i]))
-            total += 2 * int(np.prod(out)) * k
         elif " convolution(" in line:
             # Stride-1 convolutions run natively (models/layers.py): each output element is
             # a dot of (window size x the kernel's input features), as im2col's matmul.
-            out = shapes[_SHAPE.match(line).group(1)]
             rhs = re.search(r"convolution\(%?[\w.\-]+,\s*%?([\w.\-]+)", line).group(1)
             window = re.search(r"size=([\dx]+)", line).group(1)
             rhs_labels = re.search(r"dim_labels=\w+_(\w+)->", line).group(1)
             k = int(np.prod([int(d) for d in window.split("x")])) * \
                 shapes[rhs][rhs_labels.index("i")]
-            total += 2 * int(np.prod(out)) * k
+        else:
+            continue
+        total += 2 * int(np.prod(shapes[_SHAPE.match(line).group(1)])) * k
     return total
 
 
