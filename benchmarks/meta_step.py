@@ -295,7 +295,8 @@ def main():
               f"--task_chunks={a.task_chunks}"] + (
         ["--step_metrics"] if a.step_metrics else []) + (
         [f"--meta_batch={a.meta_batch}"] if a.meta_batch else []) + (
-        [f"--inner_steps={a.inner_steps}"] if a.inner_steps else [])
+        [f"--inner_steps={a.inner_steps}"] if a.inner_steps else []) + (
+        ["--no_jit"] if a.no_jit else [])
     if a.child and a.peak:
         print(json.dumps({"gflops": machine.tf_matmul_peak()}))
         return
