@@ -206,6 +206,10 @@ def normalize(x, axes, gamma, beta, epsilon, stats=None, collect=None):
     this call's batch ``(mean [C], var [C])`` over the last axis, averaged over tasks (a
     ``PerTaskStats`` list: ``[T, C]`` each, not averaged).
     """
+    merged = _merge_axes(x, axes, (gamma, beta))
+    if merged is not None:
+        out = normalize(merged[0], [axes[0]], *merged[1], epsilon, stats, collect)
+        return tf.reshape(out, tf.shape(x))
     if stats is not None:
         def shaped(s):
             s = tf.cast(s, x.dtype)
@@ -230,6 +234,27 @@ def normalize(x, axes, gamma, beta, epsilon, stats=None, collect=None):
         scale = scale * gamma
     out = centred * scale
     return out if beta is None else out + beta
+
+
+def _merge_axes(x, axes, params):
+    """``(x, params)`` with the contiguous ``axes`` of x merged into one, or None where that
+    changes nothing or a parameter varies along them. Why: batch norm over one merged axis,
+    [T, N*H*W, C], compiles under XLA's CPU backend to fewer and cheaper reductions than over
+    (N, H, W): 1.4x faster forward and backward, 1.9x at second order, at mini-ImageNet's
+    shapes (benchmarks/README.md)."""
+    if len(axes) < 2 or list(axes) != list(range(axes[0], axes[-1] + 1)):
+        return None
+    first, last = axes[0], axes[-1] + 1
+    for p in params:
+        if p is not None and (p.shape.rank != x.shape.rank
+                              or any(p.shape[a] != 1 for a in axes)):
+            return None
+
+    def merge(a):
+        dims = tf.shape(a)
+        return tf.reshape(a, tf.concat([dims[:first], [tf.reduce_prod(dims[first:last])],
+                                        dims[last:]], 0))
+    return merge(x), [None if p is None else merge(p) for p in params]
 
 
 class Conv2D(TaskBatchedLayer):
