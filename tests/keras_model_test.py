@@ -134,6 +134,43 @@ class ExactnessTest(tf.test.TestCase, parameterized.TestCase):
         keras.backend.clear_session()   # keeps the pytest process small
         super().tearDown()
 
+    def test_normalize_over_merged_axes_equals_the_unmerged_form_to_second_order(self):
+        """Batch norm reduces over its (N, H, W) axes merged into one (models/layers.py,
+        ``_merge_axes``): the output, collected statistics and first and second derivatives
+        must equal the computation over the separate axes."""
+        from maml_tf.models import layers
+        rng = np.random.default_rng(7)
+        x = tf.constant(rng.normal(size=[2, 3, 4, 5, 3]))
+        gamma = tf.constant(rng.normal(size=[2, 1, 1, 1, 3]))
+        beta = tf.constant(rng.normal(size=[1, 1, 1, 1, 3]))
+        r = tf.constant(rng.normal(size=x.shape))
+
+        def derivatives():
+            collect = layers.PerTaskStats()
+            with tf.GradientTape() as t2:
+                t2.watch([x, gamma])
+                with tf.GradientTape() as t1:
+                    t1.watch([x, gamma, beta])
+                    out = layers.normalize(x, [1, 2, 3], gamma, beta, 1e-3, collect=collect)
+                    loss = tf.reduce_sum(tf.tanh(out) * r)
+                gx, gg, gb = t1.gradient(loss, [x, gamma, beta])
+                second = tf.reduce_sum(gx ** 2) + tf.reduce_sum(tf.sin(gg)) + tf.reduce_sum(gb)
+            return [out, *collect[0], gx, gg, gb, *t2.gradient(second, [x, gamma])]
+
+        merged = derivatives()
+        self.assertIsNotNone(layers._merge_axes(x, [1, 2, 3], (gamma, beta)))
+        original = layers._merge_axes
+        layers._merge_axes = lambda *a: None
+        try:
+            separate = derivatives()
+        finally:
+            layers._merge_axes = original
+        for a, b in zip(merged, separate):
+            self.assertEqual(a.shape, b.shape)
+            self.assertAllClose(a, b, rtol=1e-12, atol=1e-12)
+        # Parameters that vary along a reduced axis (layer norm's scale) keep the separate form.
+        self.assertIsNone(layers._merge_axes(x, [2, 3, 4], (tf.ones([1, 1, 1, 1, 3]), None)))
+
     @parameterized.named_parameters(("functional", conv_bn_relu_maxpool),
                                     ("subclassed", _subclassed),
                                     ("nested", nested),
