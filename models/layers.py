@@ -240,7 +240,7 @@ def _merge_axes(x, axes, params):
     """``(x, params)`` with the contiguous ``axes`` of x merged into one, or None where that
     changes nothing or a parameter varies along them. Why: batch norm over one merged axis,
     [T, N*H*W, C], compiles under XLA's CPU backend to fewer and cheaper reductions than over
-    (N, H, W): 1.4x faster forward and backward, 1.9x at second order, at mini-ImageNet's
+    (N, H, W): 1.4-1.7x faster forward and backward, 1.9x at second order, at mini-ImageNet's
     shapes (benchmarks/README.md)."""
     if len(axes) < 2 or list(axes) != list(range(axes[0], axes[-1] + 1)):
         return None
