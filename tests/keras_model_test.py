@@ -170,6 +170,8 @@ class ExactnessTest(tf.test.TestCase, parameterized.TestCase):
             self.assertAllClose(a, b, rtol=1e-12, atol=1e-12)
         # Parameters that vary along a reduced axis (layer norm's scale) keep the separate form.
         self.assertIsNone(layers._merge_axes(x, [2, 3, 4], (tf.ones([1, 1, 1, 1, 3]), None)))
+        # Negative axes name the same merge.
+        self.assertEqual(layers._merge_axes(x, [-4, -3, -2], (gamma, beta))[0].shape, [2, 60, 3])
 
     @parameterized.named_parameters(("functional", conv_bn_relu_maxpool),
                                     ("subclassed", _subclassed),
