@@ -119,7 +119,7 @@ def _native_conv2d(x, kernel, pads):
 
     # TensorFlow's oneDNN kernel gradient takes only 'SAME' and 'VALID' padding; EXPLICIT
     # falls back to Eigen's, 2-3x slower outside XLA (XLA lowers all three alike).
-    if pads == ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2):
+    if pads == _stride1_pads(kh, kw, kh, kw, "same"):   # TF's own 'same' split, as the layer's
         padding, explicit = "SAME", []
     elif pads == (0, 0, 0, 0):
         padding, explicit = "VALID", []
