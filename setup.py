@@ -11,7 +11,7 @@ setup(
     description="Exact second-order MAML and meta-learners in TensorFlow 2 / Keras 3",
     # models/ and data/ stay top-level folders in the repository but install as
     # maml_tf.models and maml_tf.data: nothing generic lands in a user's site-packages.
-    packages=["maml_tf", "maml_tf.algorithms", "maml_tf.rl", "maml_tf.models", "maml_tf.data"],
+    packages=["maml_tf", "maml_tf.config", "maml_tf.algorithms", "maml_tf.rl", "maml_tf.models", "maml_tf.data"],
     package_dir={"maml_tf": "maml_tf", "maml_tf.models": "models", "maml_tf.data": "data"},
     python_requires=">=3.10",
     install_requires=[

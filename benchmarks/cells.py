@@ -27,16 +27,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def child(cfg: str, steps: int) -> dict:
     from absl import flags
     from maml_tf import data as data_lib
-    from maml_tf import flags as maml_flags, train_loop
+    from maml_tf import api, flags as maml_flags, supervised, train_step as train_step_lib
     from maml_tf.config import Config
     flags.FLAGS(["prog"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
     config = maml_flags.config_from_flags(flags.FLAGS)
     if config.dataset == "mini_imagenet" and not config.data_dir:
         config = Config.from_dict({**config.to_dict(),
                                    "data_dir": os.environ.get("MAML_TF_MINI_IMAGENET_DIR", "")})
-    run = train_loop.build(config, tempfile.mkdtemp(prefix="cell-"))
-    train_step = train_loop.make_train_step(run)
-    schedule = train_loop.Schedule(config)
+    run = api.build(config, tempfile.mkdtemp(prefix="cell-"))
+    train_step = train_step_lib.make_train_step(run)
+    schedule = supervised.Schedule(config)
     # Iteration i scores every inner step's queries where training would (--step_metrics_every
     # and the logged iterations), so the rate is training's own mix of the two programs.
     step = lambda batch, i: train_step(batch, run.learner.first_order_at(i - 1),

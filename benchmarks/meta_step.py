@@ -63,10 +63,10 @@ def _measure(config, windows: int, window_steps: int, step_metrics: bool = False
     ``step_metrics=False`` times the step as meta-training runs it on all but one meta-step
     in ``--step_metrics_every``: the queries scored after the last inner step only, as every
     peer computes it; True, the step that also scores them after every inner step."""
-    from maml_tf import train_loop
-    run = train_loop.build(config, tempfile.mkdtemp(prefix="bench-"))
+    from maml_tf import api, train_step as train_step_lib
+    run = api.build(config, tempfile.mkdtemp(prefix="bench-"))
     episode = _episode(config)
-    train_step = train_loop.make_train_step(run)
+    train_step = train_step_lib.make_train_step(run)
     step = lambda ep: train_step(ep, step_metrics=step_metrics)
     t0 = time.perf_counter()
     float(step(episode)["loss"])

@@ -39,10 +39,8 @@ from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML, MAN
                                 build_learner)
 from maml_tf.meta_learner import MetaLearner, StepMetrics  # noqa: E402
 from maml_tf.models.functional import FunctionalModel, InexactModelError  # noqa: E402
-from maml_tf.train_loop import evaluate_workdir  # noqa: E402
-from maml_tf.train_loop import run as train  # noqa: E402
-
-__version__ = "0.1.0"
+from maml_tf.api import evaluate_workdir, train  # noqa: E402
+from maml_tf.version import VERSION as __version__  # noqa: E402
 
 MAMLPlusPlus = MamlPlusPlus
 

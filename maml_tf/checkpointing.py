@@ -18,7 +18,7 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from maml_tf.config import Config, ConfigError
+from maml_tf.config import Config, ConfigError, flatten_config
 
 # Keys that may change when a run is resumed (a longer schedule, more logging).
 RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
@@ -168,9 +168,11 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            # Keys added to Config after the run was written take their defaults.
-            old = {**Config().to_dict(), **json.load(f)}
-        new = config.to_dict()
+            # Keys added to Config after the run was written, or left out of its sections
+            # as not applying to it, take their defaults; a flat config.json (written before
+            # the sections) compares the same way.
+            old = {**Config().to_flat_dict(), **flatten_config(json.load(f))}
+        new = config.to_flat_dict()
         diff = sorted(k for k in set(old) | set(new)
                       if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
         if diff and not overwrite:

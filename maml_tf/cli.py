@@ -10,7 +10,7 @@ import sys
 from maml_tf.config import ConfigError
 from maml_tf.data.errors import DataError
 from maml_tf.models.functional import InexactModelError
-from maml_tf.train_loop import NonFiniteError, RunInterrupted
+from maml_tf.harness import NonFiniteError, RunInterrupted
 
 # Most specific first: the checkpointing errors are ConfigErrors.
 _KINDS = ((InexactModelError, "Model error"), (ConfigError, "Configuration error"),

@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from maml_tf import cli, train_loop
+from maml_tf import api, cli
 from maml_tf import flags as maml_flags
 
 FLAGS = flags.FLAGS
@@ -26,9 +26,9 @@ def main(argv):
     if not os.path.exists(os.path.join(FLAGS.workdir or "", "config.json")):
         raise SystemExit(f"--workdir={FLAGS.workdir!r} holds no config.json: pass the "
                          "workdir of a run started with maml_tf.train.")
-    overrides = {k: FLAGS[k].value for k in train_loop.EVAL_OVERRIDES if FLAGS[k].present}
+    overrides = {k: FLAGS[k].value for k in api.EVAL_OVERRIDES if FLAGS[k].present}
     with cli.user_errors(verbose=FLAGS.verbosity >= 1):
-        train_loop.evaluate_workdir(FLAGS.workdir, **overrides)
+        api.evaluate_workdir(FLAGS.workdir, **overrides)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def make_eval_step(learner: MetaLearner, steps: int, strategy: tf.distribute.Str
         return m.loss, (m.accuracy if m.accuracy is not None else tf.zeros_like(m.loss))
 
     def replica_fn(episode):
-        # Weights enter XLA as tensors read on this replica's device (see train_loop).
+        # Weights enter XLA as tensors read on this replica's device (see train_step.py).
         return adapt_and_score([tf.identity(w) for w in learner.meta_weights()], episode)
 
     @tf.function

@@ -160,8 +160,7 @@ flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Iterations betwee
 
 def config_from_flags(values: flags.FlagValues) -> C.Config:
     """Copies the flags named like ``Config`` fields into a validated ``Config``."""
-    fields = {f.name for f in dataclasses.fields(C.Config)}
-    return C.Config.from_dict({name: values[name].value for name in fields})
+    return C.Config.from_dict({name: values[name].value for name in C.OWNER})
 
 
 def expand_flagfiles(argv: list[str], _including: str | None = None,

@@ -10,6 +10,8 @@ import subprocess
 import keras
 import tensorflow as tf
 
+from maml_tf.version import VERSION
+
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> dict | None:
@@ -36,9 +38,8 @@ def _cpu_model() -> str:
 
 
 def environment(strategy: tf.distribute.Strategy | None = None) -> dict:
-    from maml_tf import __version__
     devices = [d.name for d in tf.config.list_logical_devices() if d.device_type != "CPU"]
-    return {"maml_tf": __version__, "git": git_commit(), "tensorflow": tf.__version__,
+    return {"maml_tf": VERSION, "git": git_commit(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "python": platform.python_version(),
             "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
             "accelerators": devices or None,

@@ -2,13 +2,13 @@
 
     python -m maml_tf.train --flagfile=runs/sinusoid.cfg --workdir=$HOME/maml_runs/sinusoid
 
-Turns flags into a ``Config`` and calls ``train_loop.run``. Re-running the same command
+Turns flags into a ``Config`` and calls ``api.train``. Re-running the same command
 resumes from the workdir's latest checkpoint.
 """
 
 from absl import app, flags
 
-from maml_tf import cli, train_loop
+from maml_tf import api, cli
 from maml_tf import flags as maml_flags
 
 FLAGS = flags.FLAGS
@@ -23,7 +23,7 @@ def main(argv):
         raise app.UsageError("--workdir is required: the directory that holds this run.")
     with cli.user_errors(verbose=FLAGS.verbosity >= 1):
         config = maml_flags.config_from_flags(FLAGS)
-        train_loop.run(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+        api.train(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

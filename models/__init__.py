@@ -1,4 +1,6 @@
-"""Model construction: ``get_model(config)`` returns a built ``keras.Model``.
+"""Model construction: ``get_model(config)`` returns a built ``keras.Model`` for the
+supervised data sets (the task families build what is theirs alone: ``maml_tf.rl`` its
+policies, ``maml_tf.supervised`` the CNP's decoder).
 
 ``--model`` names the zoo's networks (``auto``, ``mlp``, ``conv4``, ``resnet12``) or a user's
 function, ``package.module:function`` or ``path/to/file.py:function``, called as
@@ -20,6 +22,7 @@ import numpy as np
 
 from maml_tf.config import ConfigError
 from maml_tf.models import resnet, zoo
+from maml_tf.models.layers import Flatten
 
 
 def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) -> keras.Model:
@@ -29,13 +32,6 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
         fn = model_fn or load_model_fn(config.model)
         return build_user_model(fn, input_shape(config), num_outputs(config), dtype)
     shape = input_shape(config)
-    if config.is_rl:
-        from maml_tf.rl.policy import gaussian_mlp
-        return gaussian_mlp(shape[0], num_outputs(config) // 2, dtype=dtype)
-    if config.algorithm == "cnp" and config.is_regression:
-        # The CNP's decoder: (x, representation) -> (mean, scale); the learner builds the encoder.
-        from maml_tf.algorithms.cnp import REPRESENTATION
-        return zoo.mlp(shape[0] + REPRESENTATION, [128, 128], 2, dtype=dtype)
     if config.is_regression:
         # cbfinn/maml's truncated normal (stddev 0.01): measured here, it keeps 1..10 inner
         # steps stable at alpha = 0.01, where Glorot's init let some 5-shot tasks diverge.
@@ -54,28 +50,19 @@ def get_model(config, dtype: str = "float32", model_fn: Callable | None = None) 
 
 def input_shape(config) -> tuple[int, ...]:
     """One example's shape as the network sees it: ``(1,)`` for sinusoid (CAVIA appends its
-    ``context_dim`` context entries), ``(H, W, C)`` for images."""
-    if config.is_rl:
-        # A policy's observation; an oracle also observes its task (the goal).
-        from maml_tf.rl.envs import spec
-        env = spec(config.dataset)
-        return (env.observation_dim + (env.task_dim if config.oracle else 0),)
+    ``context_dim`` context entries), ``(H, W, C)`` for images. (A policy's is its
+    environment's: ``maml_tf.rl.family`` builds policies.)"""
     if config.is_regression:
         return (1 + (config.context_dim if config.algorithm == "cavia" else 0),)
     return tuple(config.image_shape)
 
 
 def num_outputs(config) -> int:
-    """Outputs of the network: 1 (sinusoid), way (classification), or a policy's action
-    mean and log-std (``2 * action_dim``)."""
-    if config.is_rl:
-        from maml_tf.rl.envs import spec
-        return 2 * spec(config.dataset).action_dim
+    """Outputs of the network: 1 (sinusoid) or way (classification)."""
     return 1 if config.is_regression else config.way
 
 
 def _flattened(mlp: keras.Sequential, image_shape, dtype) -> keras.Sequential:
-    from maml_tf.models.layers import Flatten
     return keras.Sequential([keras.Input(tuple(image_shape), dtype=dtype),
                              Flatten(dtype=dtype, name="flatten")] + mlp.layers, name="mlp")
 

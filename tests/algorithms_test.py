@@ -14,7 +14,7 @@ from maml_tf import losses
 from maml_tf.config import Config
 from maml_tf.algorithms import build_learner
 from maml_tf.meta_learner import MetaLearner
-from maml_tf.train_loop import current_lr, make_optimizer
+from maml_tf.harness import current_lr, make_optimizer
 from maml_tf.models import get_model
 from maml_tf.models.keras_layers import is_normalization
 

@@ -17,15 +17,15 @@ from maml_tf import data as data_lib
 from maml_tf.algorithms import build_learner
 from maml_tf.config import Config, ConfigError
 from maml_tf.data.episode import Episode
-from maml_tf.models import get_model
-from maml_tf.train_loop import make_optimizer
+from maml_tf.supervised import network
+from maml_tf.harness import make_optimizer
 
 
 def _cnp(dtype="float32", **kw):
     keras.utils.set_random_seed(0)
     config = Config.from_dict({"dataset": "sinusoid", "algorithm": "cnp", "shot": 5,
                                "meta_batch_size": 8, "meta_lr": 1e-3, **kw})
-    return config, build_learner(config, get_model(config, dtype=dtype))
+    return config, build_learner(config, network(config, dtype=dtype))
 
 
 class CnpTest(tf.test.TestCase):
@@ -120,7 +120,7 @@ class CnpTest(tf.test.TestCase):
 def _cnp_classifier(dtype="float64", **kw):
     from algorithms_test import _config
     config = _config("cnp", **kw)
-    return build_learner(config, get_model(config, dtype=dtype))
+    return build_learner(config, network(config, dtype=dtype))
 
 
 class CnpClassifierTest(tf.test.TestCase):
@@ -190,7 +190,7 @@ class CnpClassifierTest(tf.test.TestCase):
 def _snail(dtype="float32", **kw):
     from algorithms_test import _config
     config = _config("snail", **kw)
-    return build_learner(config, get_model(config, dtype=dtype))
+    return build_learner(config, network(config, dtype=dtype))
 
 
 class SnailTest(tf.test.TestCase):
@@ -271,7 +271,7 @@ def _mann(dtype="float64", norm="batch", **learner_kw):
     from algorithms_test import _config
     from maml_tf.algorithms import MANN
     config = _config("mann", norm=norm)
-    return MANN(get_model(config, dtype=dtype), way=config.way, **learner_kw)
+    return MANN(network(config, dtype=dtype), way=config.way, **learner_kw)
 
 
 class MannTest(tf.test.TestCase):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from maml_tf import train_loop
+from maml_tf import api
 from maml_tf.config import Config
 from maml_tf.data import omniglot
 from maml_tf.data.errors import DataError
@@ -59,7 +59,7 @@ def test_too_many_classes_for_the_test_split_fail_before_training(tmp_path, omni
                                "meta_batch_size": 1, "num_iterations": 2, "eval_tasks": 2,
                                "val_tasks": 2})
     with pytest.raises(DataError, match=r"The val split of omniglot has \d+ classes"):
-        train_loop.run(config, str(tmp_path / "run"))
+        api.train(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "train")   # no iteration ran
 
 

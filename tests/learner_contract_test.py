@@ -12,7 +12,7 @@ import keras
 from maml_tf.data.episode import Episode
 from maml_tf.config import Config
 from maml_tf.algorithms import build_learner, train_inner_steps
-from maml_tf.train_loop import make_optimizer
+from maml_tf.harness import make_optimizer
 from maml_tf.models import get_model
 
 WAY, SHOT, QUERY, TASKS, CLASSES = 5, 2, 3, 4, 20

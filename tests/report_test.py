@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from maml_tf import report, train_loop
+from maml_tf import api, report
 from maml_tf.config import Config
 
 SMOKE = {"num_iterations": 2, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
@@ -25,15 +25,15 @@ def _row(text: str, prefix: str) -> list[str]:
 
 def test_report_of_a_resumed_run_reads_its_results_and_sums_its_sessions(tmp_path, capsys):
     workdir = str(tmp_path / "run")
-    train_loop.run(Config.from_dict(SMOKE), workdir)
-    results = train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 4}), workdir)
+    api.train(Config.from_dict(SMOKE), workdir)
+    results = api.train(Config.from_dict({**SMOKE, "num_iterations": 4}), workdir)
     sessions = json.load(open(os.path.join(workdir, "sessions.json")))
     assert [(s["from_iteration"], s["to_iteration"]) for s in sessions] == [(0, 2), (2, 4)]
     total = results["train_seconds_total"]
     assert total["sessions"] == 2
     assert total["seconds"] == pytest.approx(sum(s["seconds"] for s in sessions), abs=0.11)
     # Evaluating again trains nothing: no session is added, and the results say so.
-    other = train_loop.evaluate_workdir(workdir, eval_tasks=6)
+    other = api.evaluate_workdir(workdir, eval_tasks=6)
     assert other["iterations_this_session"] == 0
     assert len(json.load(open(os.path.join(workdir, "sessions.json")))) == 2
 
@@ -60,7 +60,7 @@ def test_report_of_a_resumed_run_reads_its_results_and_sums_its_sessions(tmp_pat
 
 def _classification_run(root, name, algorithm, evaluations, seconds=60.0):
     """A workdir as train and evaluate leave it: config.json, results.json and results-*.json
-    in the format of ``train_loop.final_evaluation`` (values chosen by the test)."""
+    in the format of ``harness.final_evaluation`` (values chosen by the test)."""
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
     config = Config(dataset="omniglot", algorithm=algorithm, way=5, shot=1)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import maml_tf
-from maml_tf import train_loop
+from maml_tf import api
 from maml_tf.config import Config, ConfigError
 from maml_tf.data.navigation import Navigation2D
 from maml_tf.models import layers as L
@@ -222,8 +222,8 @@ def _config(**kw):
 def test_meta_training_makes_adaptation_pay_off_and_checkpoints_round_trip(tmp_path):
     # The contract for RL: once meta-trained for a few iterations, one inner step on a task's
     # trajectories raises its return; a checkpoint evaluates to the same numbers again.
-    untrained = train_loop.run(_config(num_iterations=0), str(tmp_path / "random"))
-    results = train_loop.run(_config(), str(tmp_path / "maml"))
+    untrained = api.train(_config(num_iterations=0), str(tmp_path / "random"))
+    results = api.train(_config(), str(tmp_path / "maml"))
     ret = results["test"]["return"]["mean"]
     assert ret[1] > ret[0] + 3, ret
     assert ret[1] > untrained["test"]["return"]["mean"][1] + 3, (ret, untrained["test"])
@@ -245,10 +245,10 @@ def test_every_rl_learner_trains_and_resumes(tmp_path):
         config = _config(num_iterations=2, eval_tasks=2, val_tasks=2, eval_every=2,
                          trajectories=3, eval_trajectories=3, meta_batch_size=2, horizon=10,
                          jit_compile=False, **kw)
-        results = train_loop.run(config, str(tmp_path / name))
+        results = api.train(config, str(tmp_path / name))
         assert results["protocol"]["checkpoint_step"] == 2, name
         assert np.all(np.isfinite(results["test"]["return"]["mean"])), name
-    resumed = train_loop.run(_config(num_iterations=4, eval_tasks=2, val_tasks=2, eval_every=2,
+    resumed = api.train(_config(num_iterations=4, eval_tasks=2, val_tasks=2, eval_every=2,
                                      trajectories=3, eval_trajectories=3, meta_batch_size=2,
                                      horizon=10, meta_optimizer="adam", meta_lr=0.01,
                                      jit_compile=False),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from maml_tf import train_loop
+from maml_tf import api, supervised
 from maml_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,11 +68,11 @@ def test_same_seed_and_flags_give_the_same_metrics(tmp_path):
     config = Config.from_dict({"num_iterations": 6, "meta_batch_size": 3, "eval_tasks": 8,
                                "val_tasks": 2, "log_every": 3, "eval_every": 3,
                                "checkpoint_every": 3})
-    a = train_loop.run(config, str(tmp_path / "a"))["test"]
-    b = train_loop.run(config, str(tmp_path / "b"))["test"]
+    a = api.train(config, str(tmp_path / "a"))["test"]
+    b = api.train(config, str(tmp_path / "b"))["test"]
     assert a == b
     other = Config.from_dict({**config.to_dict(), "seed": 1})
-    assert train_loop.run(other, str(tmp_path / "c"))["test"] != a
+    assert api.train(other, str(tmp_path / "c"))["test"] != a
 
 
 def test_training_writes_only_inside_its_workdir(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def test_training_writes_only_inside_its_workdir(tmp_path, monkeypatch):
     config = Config.from_dict({"num_iterations": 2, "meta_batch_size": 2, "eval_tasks": 2,
                                "val_tasks": 2, "log_every": 1, "eval_every": 2,
                                "checkpoint_every": 2})
-    train_loop.run(config, str(tmp_path / "work"))
+    api.train(config, str(tmp_path / "work"))
     assert sorted(os.listdir(tmp_path)) == ["cwd", "work"] and not os.listdir(cwd)
 
 
@@ -110,7 +110,7 @@ def test_a_second_run_is_refused_while_one_owns_the_workdir_and_sigterm_saves(tm
     # A second run, even with --overwrite, is refused and names the owner; nothing moves.
     config = Config.from_dict({"seed": 1, "num_iterations": 2})
     try:
-        train_loop.run(config, workdir, overwrite=True)
+        api.train(config, workdir, overwrite=True)
         raise AssertionError("the second run was not refused")
     except WorkdirBusyError as e:
         assert f"pid {proc.pid}" in str(e) and "in use by another run" in str(e)
@@ -168,19 +168,19 @@ def test_a_failing_validation_saves_its_iteration_and_is_redone_on_resume(tmp_pa
     # Measured: an error in a validation cost a run the 1,000 iterations since its last
     # checkpoint. Now the weights of the validated iteration are saved before the error.
     workdir = str(tmp_path / "run")
-    real = train_loop._validate
+    real = supervised.SupervisedFamily.validate
 
-    def fails_at_3(r, eval_step, step, history):
+    def fails_at_3(self, r, step):
         if step == 3:
             raise RuntimeError("validation broke")
-        return real(r, eval_step, step, history)
+        return real(self, r, step)
     config = Config.from_dict({**SMOKE, "jit_compile": False})   # XLA: only slower here
-    monkeypatch.setattr(train_loop, "_validate", fails_at_3)
+    monkeypatch.setattr(supervised.SupervisedFamily, "validate", fails_at_3)
     with pytest.raises(RuntimeError, match="validation broke"):
-        train_loop.run(config, workdir)                           # checkpoints every 2 only
+        api.train(config, workdir)                           # checkpoints every 2 only
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-3")
-    monkeypatch.setattr(train_loop, "_validate", real)
-    results = train_loop.run(config, workdir)
+    monkeypatch.setattr(supervised.SupervisedFamily, "validate", real)
+    results = api.train(config, workdir)
     assert results["iterations_this_session"] == 1                 # resumed at 3
     history = json.load(open(os.path.join(workdir, "history.json")))
     assert [h["step"] for h in history] == [1, 2, 3, 4]             # 3 validated on resume
@@ -189,13 +189,13 @@ def test_a_failing_validation_saves_its_iteration_and_is_redone_on_resume(tmp_pa
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     import shutil
     base = str(tmp_path / "base")
-    train_loop.run(Config.from_dict(SMOKE), base)   # ckpt-2 and ckpt-4, validation at 1..4
+    api.train(Config.from_dict(SMOKE), base)   # ckpt-2 and ckpt-4, validation at 1..4
     for kind in ("truncated data", "empty data", "flipped byte", "truncated index",
                  "deleted data"):
         workdir = str(tmp_path / kind.replace(" ", "_"))
         shutil.copytree(base, workdir)
         _damage(kind, os.path.join(workdir, "checkpoints"))
-        results = train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
+        results = api.train(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
         assert results["iterations_this_session"] == 4, kind    # resumed at 2, not 0 or 4
         assert glob.glob(os.path.join(workdir, "checkpoints", "damaged", "ckpt-4.*")), kind
         history = json.load(open(os.path.join(workdir, "history.json")))
@@ -205,7 +205,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_a_missing_or_garbled_checkpoint_index_still_resumes(tmp_path):
     import shutil
     base = str(tmp_path / "base")
-    train_loop.run(Config.from_dict(SMOKE), base)
+    api.train(Config.from_dict(SMOKE), base)
     for kind in ("missing", "garbled"):
         workdir = str(tmp_path / kind)
         shutil.copytree(base, workdir)
@@ -214,7 +214,7 @@ def test_a_missing_or_garbled_checkpoint_index_still_resumes(tmp_path):
         # Leftovers of a save that a kill cut short are removed at the next start.
         os.makedirs(os.path.join(workdir, "checkpoints", "ckpt-5_temp", "part-0"))
         open(os.path.join(workdir, "checkpoints", "checkpoint.tmp1234"), "w").close()
-        results = train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
+        results = api.train(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
         assert results["iterations_this_session"] == 2, kind    # resumed at 4, not 0
         assert [h["step"] for h in json.load(open(os.path.join(workdir, "history.json")))] \
             == [1, 2, 3, 4, 5, 6]
@@ -225,11 +225,11 @@ def test_a_missing_or_garbled_checkpoint_index_still_resumes(tmp_path):
 def test_no_loadable_checkpoint_is_one_clear_paragraph(tmp_path):
     from maml_tf.checkpointing import CheckpointError
     workdir = str(tmp_path / "run")
-    train_loop.run(Config.from_dict(SMOKE), workdir)
+    api.train(Config.from_dict(SMOKE), workdir)
     for data in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.data-*")):
         open(data, "r+b").truncate(10)
     try:
-        train_loop.run(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
+        api.train(Config.from_dict({**SMOKE, "num_iterations": 6}), workdir)
         raise AssertionError("no error")
     except CheckpointError as e:
         assert "No checkpoint in" in str(e) and "ckpt-4" in str(e) and "ckpt-2" in str(e)

@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from maml_tf import flags as maml_flags
-from maml_tf import train_loop
+from maml_tf import api, harness, supervised, train_step as train_step_lib
 from maml_tf.config import Config, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +30,14 @@ def smoke(**kw) -> Config:
 
 def weights_of(workdir):
     config = Config.from_dict(json.load(open(os.path.join(workdir, "config.json"))))
-    r = train_loop.build(config, workdir)
-    train_loop.checkpointing.restore_or_init(r.manager)
+    r = api.build(config, workdir)
+    harness.checkpointing.restore_or_init(r.manager)
     return [v.numpy() for v in r.learner.net.variables], int(r.step.numpy())
 
 
 def test_sinusoid_run_writes_events_checkpoints_flags_and_results(tmp_path):
     workdir = str(tmp_path / "run")
-    results = train_loop.run(smoke(), workdir)
+    results = api.train(smoke(), workdir)
     assert glob.glob(os.path.join(workdir, "train", "events.out.tfevents*"))
     assert glob.glob(os.path.join(workdir, "eval", "events.out.tfevents*"))
     assert os.path.exists(os.path.join(workdir, "checkpoints", "ckpt-4.index"))
@@ -61,9 +61,9 @@ def test_resume_continues_and_matches_an_uninterrupted_run_bitwise(tmp_path):
     # meta-step that scores the last inner step only, and compiles both programs first.
     smoke_mixed = lambda n: smoke(num_iterations=n, step_metrics_every=3)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_loop.run(smoke_mixed(6), straight)
-    train_loop.run(smoke_mixed(4), resumed)
-    train_loop.run(smoke_mixed(6), resumed)   # resumes at 4
+    api.train(smoke_mixed(6), straight)
+    api.train(smoke_mixed(4), resumed)
+    api.train(smoke_mixed(6), resumed)   # resumes at 4
     (w1, s1), (w2, s2) = weights_of(straight), weights_of(resumed)
     assert s1 == s2 == 6
     for a, b in zip(w1, w2):
@@ -72,21 +72,21 @@ def test_resume_continues_and_matches_an_uninterrupted_run_bitwise(tmp_path):
 
 def test_a_workdir_with_different_flags_is_refused_unless_overwrite(tmp_path):
     workdir = str(tmp_path / "run")
-    train_loop.run(smoke(num_iterations=2), workdir)
+    api.train(smoke(num_iterations=2), workdir)
     with pytest.raises(ConfigError, match=r"different flags \(inner_lr: 0.01 -> 0.02\)"):
-        train_loop.run(smoke(num_iterations=2, inner_lr=0.02), workdir)
-    train_loop.run(smoke(num_iterations=2, inner_lr=0.02), workdir, overwrite=True)
+        api.train(smoke(num_iterations=2, inner_lr=0.02), workdir)
+    api.train(smoke(num_iterations=2, inner_lr=0.02), workdir, overwrite=True)
     aside = glob.glob(os.path.join(workdir, "replaced-*", "checkpoints", "ckpt-2.index"))
     assert aside, "the old run's checkpoint must be moved aside, not deleted"
 
 
 def test_non_finite_meta_loss_fails_naming_the_window_and_saves_no_nan(tmp_path):
     workdir = str(tmp_path / "run")
-    with pytest.raises(train_loop.NonFiniteError, match=r"at iteration 1 \(logging window 1..1"):
-        train_loop.run(smoke(inner_lr=1e30, checkpoint_every=1), workdir)
+    with pytest.raises(harness.NonFiniteError, match=r"at iteration 1 \(logging window 1..1"):
+        api.train(smoke(inner_lr=1e30, checkpoint_every=1), workdir)
     assert not glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*"))
     skipped = str(tmp_path / "skip")
-    train_loop.run(smoke(inner_lr=1e30, on_nan="skip"), skipped)
+    api.train(smoke(inner_lr=1e30, on_nan="skip"), skipped)
     weights, step = weights_of(skipped)
     assert step == 4 and all(np.all(np.isfinite(w)) for w in weights)
 
@@ -125,7 +125,7 @@ def _one_per_kind(files) -> list:
     """One flagfile per (data set, model), the one with the fewest way x shot (then the first
     by name: the plain MAML cell). The others differ in algorithm, way, shot and schedule:
     every flagfile's parse checks those values, every algorithm's learner trains in
-    learner_contract_test.py and each kind of outer update through the same ``train_loop.run``
+    learner_contract_test.py and each kind of outer update through the same ``api.train``
     in test_each_kind_of_outer_update_trains_compiled_and_shows_its_state, so a smoke run of
     each through the entry point tested no further path (24 such runs, two at a
     time, were part of a suite that took 35 minutes; the 7 left take 2 minutes here)."""
@@ -225,7 +225,7 @@ def _tags(directory):
 
 def test_tensorboard_gets_per_step_metrics_rates_and_the_sinusoid_figure(tmp_path):
     workdir = str(tmp_path / "run")
-    train_loop.run(smoke(), workdir)
+    api.train(smoke(), workdir)
     scalars, images = _tags(os.path.join(workdir, "train"))
     for tag in ("meta_loss", "query_loss/step_0", "query_loss/step_1", "grad_norm",
                 "learning_rate", "tasks_per_sec", "nonfinite", "val_3shot/loss/step_2",
@@ -239,15 +239,15 @@ def test_tensorboard_gets_per_step_metrics_rates_and_the_sinusoid_figure(tmp_pat
 def test_per_step_metrics_come_from_one_meta_step_in_n_and_every_logged_one(tmp_path):
     import tensorflow as tf
     from maml_tf import metrics as metrics_lib
-    schedule = train_loop.Schedule(smoke(num_iterations=9, log_every=4, step_metrics_every=3))
+    schedule = supervised.Schedule(smoke(num_iterations=9, log_every=4, step_metrics_every=3))
     assert [s for s in range(1, 10) if schedule.step_metrics(s)] == [3, 4, 6, 8, 9]
     # The other program is compiled up front only where a later iteration runs it.
-    maml = train_loop.build(smoke(), str(tmp_path / "maml")).learner
+    maml = api.build(smoke(), str(tmp_path / "maml")).learner
     assert [schedule.other_program_follows(maml, s) for s in (1, 6, 8, 9)] == [
         True, True, False, False]
-    once = train_loop.Schedule(smoke(num_iterations=1, log_every=4, step_metrics_every=3))
+    once = supervised.Schedule(smoke(num_iterations=1, log_every=4, step_metrics_every=3))
     assert not once.other_program_follows(maml, 1)
-    protonet = train_loop.build(smoke(dataset="omniglot", algorithm="protonet", num_filters=4),
+    protonet = api.build(smoke(dataset="omniglot", algorithm="protonet", num_filters=4),
                                 str(tmp_path / "protonet")).learner
     assert not schedule.other_program_follows(protonet, 1)   # one program only
     window = metrics_lib.TrainMetrics(inner_steps=1, regression=False)
@@ -276,7 +276,7 @@ def _values(directory, tag):
 
 def test_evaluation_never_changes_the_run_and_names_its_own_results(tmp_path):
     workdir = str(tmp_path / "run")
-    first = train_loop.run(smoke(), workdir)["test"]
+    first = api.train(smoke(), workdir)["test"]
     files = ("config.json", "flags.cfg", "results.json")
     before = {f: open(os.path.join(workdir, f), "rb").read() for f in files}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -289,7 +289,7 @@ def test_evaluation_never_changes_the_run_and_names_its_own_results(tmp_path):
     evaluate()                      # again: no second TensorBoard value
     evaluate("--eval_inner_steps=3", "--eval_shots=5", "--eval_tasks=6")
     assert {f: open(os.path.join(workdir, f), "rb").read() for f in files} == before
-    same = train_loop.results_name(smoke(), 4)
+    same = api.results_name(smoke(), 4)
     again = json.load(open(os.path.join(workdir, same + ".json")))
     assert again["test"] == json.loads(json.dumps(first))
     other = json.load(open(os.path.join(workdir, "results-step4-6tasks-3steps-5shot-10queries-transductive-seed1234.json")))
@@ -299,11 +299,11 @@ def test_evaluation_never_changes_the_run_and_names_its_own_results(tmp_path):
     assert _values(os.path.join(workdir, "eval", same), "test_5shot/loss/step_2") == [4]
     # A setting that is not an evaluation setting is refused, naming the allowed ones.
     with pytest.raises(ConfigError, match=r"--inner_lr cannot change at evaluation"):
-        train_loop.evaluate_workdir(workdir, inner_lr=0.5)
+        api.evaluate_workdir(workdir, inner_lr=0.5)
 
 
 def test_results_explain_themselves(tmp_path):
-    results = train_loop.run(smoke(), str(tmp_path / "run"))
+    results = api.train(smoke(), str(tmp_path / "run"))
     assert "after i inner steps" in results["legend"]["index"]
     assert results["legend"]["loss"] == "mean squared error per query point"
     assert {"diverged", "finite_mean", "ci95"} <= set(results["legend"])
@@ -317,7 +317,7 @@ def test_the_chosen_split_is_written_to_the_workdir(omniglot_dir, tmp_path):
     config = Config.from_dict({"dataset": "omniglot", "data_dir": omniglot_dir, "split": "vinyals",
                                "num_filters": 8, "meta_batch_size": 2, "num_iterations": 1,
                                "eval_tasks": 2, "val_tasks": 2, "jit_compile": False})
-    train_loop.run(config, str(tmp_path))
+    api.train(config, str(tmp_path))
     split = json.load(open(os.path.join(tmp_path, "split.json")))
     assert split["split"] == "vinyals" and len(split["train"]) == 1028 and len(split["test"]) == 423
 
@@ -326,7 +326,7 @@ def test_the_chosen_split_is_written_to_the_workdir(omniglot_dir, tmp_path):
 # an embedding learner without inner steps, supervised pre-training) and those that log state
 # of their own. (FOMAML and ANIL take MAML's path with a switch: learner_contract_test.py.)
 # Plain MAML is not listed: Meta-SGD runs its outer update plus learned rates, and the flagfile
-# test above trains omniglot_5w1s.cfg (MAML) compiled through the same train_loop.run.
+# test above trains omniglot_5w1s.cfg (MAML) compiled through the same api.train.
 ALGORITHM_STATE_TAGS = {
     "protonet": [], "pretrain": [], "reptile": [],
     "metasgd": ["metasgd_lr_mean/conv4_conv0_kernel", "metasgd_lr_mean/conv4_head_bias"],
@@ -351,7 +351,7 @@ def test_each_kind_of_outer_update_trains_compiled_and_shows_its_state(algorithm
                                "num_iterations": 3, "log_every": 1, "eval_every": 3,
                                "checkpoint_every": 3, "eval_tasks": 4, "val_tasks": 2, **extra})
     workdir = str(tmp_path / algorithm)
-    results = train_loop.run(config, workdir)
+    results = api.train(config, workdir)
     accuracy = results["test"]["1shot"]["accuracy"]["mean"]
     assert len(accuracy) == (1 if algorithm == "protonet" else 3)
     assert all(np.isfinite(accuracy))
@@ -377,9 +377,9 @@ def test_task_chunks_give_the_same_step(algorithm, tmp_path):
                       tf.constant(np.tile([0, 1, 2], (4, 1)).astype("int32")))
     results = []
     for chunks in (1, 2):
-        r = train_loop.build(Config.from_dict({**base, "task_chunks": chunks}),
+        r = api.build(Config.from_dict({**base, "task_chunks": chunks}),
                              str(tmp_path / f"c{chunks}"))
-        out = train_loop.make_train_step(r)(episode)
+        out = train_step_lib.make_train_step(r)(episode)
         results.append((out, [v.numpy() for v in r.learner.meta_variables]))
     (a, wa), (b, wb) = results
     np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
@@ -391,7 +391,7 @@ def test_task_chunks_give_the_same_step(algorithm, tmp_path):
 
 def test_task_chunks_must_divide_the_replica_batch(tmp_path):
     with pytest.raises(ConfigError, match="--task_chunks=3 does not divide the 4 tasks"):
-        train_loop.build(Config.from_dict({**SMOKE, "meta_batch_size": 4, "task_chunks": 3}),
+        api.build(Config.from_dict({**SMOKE, "meta_batch_size": 4, "task_chunks": 3}),
                          str(tmp_path / "run"))
 
 
@@ -418,7 +418,7 @@ def test_task_chunks_auto_fit_a_chunk_into_the_cache_and_are_chosen_again_on_res
     assert distribute.choose_task_chunks(config, model, strategy) == 1
     # A run records 0 (auto) and uses the chosen count.
     monkeypatch.setattr(distribute, "cpu_cache_bytes", lambda: 4 * 2 * per_task)
-    r = train_loop.build(Config.from_dict({**SMOKE, "dataset": "omniglot", "way": 5,
+    r = api.build(Config.from_dict({**SMOKE, "dataset": "omniglot", "way": 5,
                                            "shot": 1, "num_filters": 64, "meta_batch_size": 4,
                                            "task_chunks": 0}), str(tmp_path / "run"))
     assert r.config.task_chunks == 2
@@ -429,7 +429,7 @@ def test_console_says_when_it_compiles_and_tensorboard_groups_the_inner_steps(tm
     import logging as py_logging
     workdir = str(tmp_path / "run")
     with caplog.at_level(py_logging.INFO, logger="absl"):
-        train_loop.run(smoke(), workdir)
+        api.train(smoke(), workdir)
     assert "Compiling the meta-step" in caplog.text and "Compiled the meta-step in" in caplog.text
     tensors, _ = _tags(os.path.join(workdir, "train"))
     assert "custom_scalars__config__" in tensors

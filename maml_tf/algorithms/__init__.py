@@ -52,17 +52,18 @@ __all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "CNPClassifier", "FOMAML", "IMAML", "
            "SNAIL", "build_learner", "train_inner_steps"]
 
 
-def build_learner(config, model: keras.Model, num_classes: int | None = None) -> MetaLearner:
+def build_learner(config, model: keras.Model, num_classes: int | None = None,
+                  loss=None, metric: str | None = "default") -> MetaLearner:
     """The learner of ``config.algorithm`` around ``model``.
 
     num_classes: training classes for the pre-training baseline on images (None reads the
-    training split's class count).
+    training split's class count). loss, metric: the task family's (reinforcement learning
+    passes its policy-gradient surrogate and no metric); by default mean squared error for
+    regression, cross-entropy and accuracy for classification.
     """
-    if config.is_rl:
-        from maml_tf.rl.policy import reinforce_loss
-        loss, metric = reinforce_loss, None
-    else:
+    if loss is None:
         loss = "mse" if config.is_regression else "cross_entropy"
+    if metric == "default":
         metric = None if config.is_regression else "accuracy"
     kwargs = dict(inner_lr=config.inner_lr, inner_steps=config.inner_steps,
                   first_order=config.first_order, loss=loss, metric=metric,

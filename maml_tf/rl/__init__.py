@@ -1,6 +1,6 @@
 """Reinforcement learning on the meta-learning core: Gaussian policies (``policy``),
 vectorised rollouts (``rollout``), returns and GAE (``returns``), TRPO (``trpo``),
-policy-gradient MAML (``meta_rl.MetaRL``) and its training loop (``loop``).
+policy-gradient MAML (``meta_rl.MetaRL``) and its task family for the run harness (``family``).
 
 From Python::
 

@@ -1,6 +1,6 @@
 """The reinforcement-learning task distributions that ``--dataset`` names.
 
-``spec(name)`` gives their sizes without building anything (``models.get_model`` needs them);
+``spec(name)`` gives their sizes without building anything (``rl.family`` sizes the policy by them);
 ``make_env(name)`` builds one. HalfCheetah needs the optional extra ``rl`` (gymnasium with
 MuJoCo); without it, asking for it says what to install and nothing else changes.
 """

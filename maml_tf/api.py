@@ -1,0 +1,53 @@
+"""The library calls behind the entry points, each choosing the task family of its config:
+``train(config, workdir)`` meta-trains (or resumes) a run and ``evaluate_workdir(workdir)``
+evaluates one, both through the one harness (``maml_tf/harness.py``).
+
+The families known by ``--dataset``: reinforcement-learning task distributions go to
+``maml_tf.rl.family.RLFamily``, every other data set to
+``maml_tf.supervised.SupervisedFamily``. A family of your own needs neither this module nor
+the harness changed: pass it to ``maml_tf.harness.train(MyFamily, config, workdir)``.
+"""
+
+from __future__ import annotations
+
+from maml_tf import harness
+from maml_tf.config import Config
+from maml_tf.harness import EVAL_OVERRIDES, Run  # noqa: F401 -- part of this API
+from maml_tf.rl.family import RLFamily
+from maml_tf.supervised import SupervisedFamily
+
+
+def family_for(config: Config) -> harness.TaskFamily:
+    """The task family of ``config.dataset``."""
+    return RLFamily(config) if config.is_rl else SupervisedFamily(config)
+
+
+def train(config: Config, workdir: str, overwrite: bool = False, model=None) -> dict:
+    """Meta-trains (or resumes) the run in ``workdir`` and returns its results (the
+    contents of results.json).
+
+    model: None builds ``config.model``. Your own network: a module-level function
+    ``(input_shape, num_outputs) -> keras.Model`` (recorded in the workdir, so that resuming
+    and ``python -m maml_tf.evaluate`` rebuild it), or a built ``keras.Model`` (default
+    strategy only; pass it again to resume). overwrite: move a run with other flags aside
+    into ``<workdir>/replaced-<time>/`` instead of refusing.
+    """
+    return harness.train(family_for, config, workdir, overwrite=overwrite, model=model)
+
+
+def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
+    """Evaluates the latest checkpoint of ``workdir`` on fixed test tasks (as ``python -m
+    maml_tf.evaluate``) and writes ``results-<protocol>.json``; see ``harness.evaluate``."""
+    return harness.evaluate(family_for, workdir, model=model, **overrides)
+
+
+def build(config: Config, workdir: str, overwrite: bool = False, model=None,
+          write_config: bool = True) -> Run:
+    """The objects of a run (``harness.build`` with the family of ``config``)."""
+    return harness.build(family_for, config, workdir, overwrite=overwrite, model=model,
+                         write_config=write_config)
+
+
+def results_name(config: Config, step: int) -> str:
+    """The name of the results file that ``evaluate_workdir`` writes for ``config``."""
+    return family_for(config).results_name(config, step)

@@ -1,0 +1,448 @@
+"""The run harness: what every run does, whatever its tasks are.
+
+``train(family, config, workdir)`` owns the workdir lock, the stop signals, restore-or-init
+(with the damaged-checkpoint fallback of ``checkpointing``), the schedule, ``sessions.json``,
+``history.json``, the non-finite stop, checkpoints, validation bookkeeping, the results file
+and its provenance. A *task family* (``TaskFamily``: supervised episodes in
+``maml_tf/supervised.py``, policy rollouts in ``maml_tf/rl/family.py``) provides only what
+differs: its network, its learner, its data or environment, its train step, its validation,
+its evaluation and its summaries. The harness imports no family; a new family is a subclass
+passed to ``train`` and needs no change here.
+
+``train`` reads top to bottom:
+
+  1. set-up: strategy, workdir, everything created under ``strategy.scope()`` (``build``)
+  2. restore-or-init from the workdir's latest checkpoint
+  3. the family's training session: its data and compiled step, resumed at the restored
+     iteration
+  4. the loop: step, then log / validate / checkpoint as ``Schedule`` says
+  5. final evaluation -> results.json
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from maml_tf import checkpointing, distribute, provenance
+from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
+from maml_tf.meta_learner import MetaLearner
+from maml_tf.models import entering_run, model_spec
+
+# The settings ``evaluate`` may change for one evaluation of a trained run.
+EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "eval_queries",
+                  "eval_mode", "data_dir", "data_source", "strategy", "cpu_devices",
+                  "jit_compile", "eval_trajectories", "eval_later_inner_lr")
+
+
+class NonFiniteError(FloatingPointError):
+    """The meta-loss or meta-gradient became NaN or Inf."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a checkpoint of its last iteration."""
+
+    def __init__(self, signum: int, step: int):
+        self.exit_code = 128 + signum
+        super().__init__(f"Stopped by {signal.Signals(signum).name} after iteration {step}: "
+                         f"checkpoint ckpt-{step} is saved; run the same command again to resume.")
+
+
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the iteration in
+    progress, which is then checkpointed; a second signal stops at once. Handlers can only
+    be installed in the main thread; elsewhere signals keep their usual effect."""
+
+    def __enter__(self):
+        self.requested: int | None = None
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.requested = signum
+        logging.warning("%s received: stopping after this iteration (send it again to stop at "
+                        "once, without a checkpoint).", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Decides, after iteration ``step`` (1-based), what to do. The last iteration of the
+    run does everything."""
+    config: Config
+
+    def _every(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.config.num_iterations
+
+    def log(self, step: int) -> bool:
+        return self._every(step, self.config.run.log_every)
+
+    def validate(self, step: int) -> bool:
+        return self._every(step, self.config.evaluation.eval_every)
+
+    def checkpoint(self, step: int) -> bool:
+        return self._every(step, self.config.run.checkpoint_every)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What a family's evaluation on the fixed test tasks gives for the results file."""
+    protocol: dict   # how the numbers were obtained (tasks, steps, seeds, checkpoint, ...)
+    legend: dict     # what each key of ``test`` means
+    test: dict       # the numbers: per shot or per metric, mean and ci95 lists
+
+
+class TaskFamily(abc.ABC):
+    """What one kind of tasks adds to the harness. A family object belongs to one run;
+    it may keep the state of its training session (its data iterator, compiled steps and
+    logging window) between the calls, which come in this order::
+
+        make_model, make_learner, prepare            (build)
+        preflight                                     (train and evaluate)
+        start_training, [validate], train_step, log, validate, ...   (train)
+        evaluate                                      (train and evaluate)
+
+    ``run`` is the ``Run`` that ``build`` made; read its ``config`` (``prepare`` may have
+    replaced the one the family was made with).
+    """
+
+    @abc.abstractmethod
+    def make_model(self, config: Config, model_fn: Callable | None) -> keras.Model:
+        """The network (under the strategy's scope): ``model_fn(input_shape, num_outputs)``
+        when the user gave one, else the family's own for ``config``."""
+
+    @abc.abstractmethod
+    def make_learner(self, config: Config, model: keras.Model) -> MetaLearner:
+        """The learner of ``config.algorithm`` around ``model`` (under the strategy's scope)."""
+
+    def prepare(self, config: Config, model: keras.Model,
+                strategy: tf.distribute.Strategy) -> Config:
+        """After the workdir's config.json is written: settings chosen for this machine
+        (config.json keeps the user's choice, so a resume elsewhere chooses again)."""
+        return config
+
+    def preflight(self, run: "Run") -> None:
+        """Checks what would otherwise fail hours into the run (data, shapes)."""
+
+    @abc.abstractmethod
+    def start_training(self, run: "Run", start: int) -> None:
+        """Opens the training session at iteration ``start``: data resumed where iteration
+        ``start + 1`` reads, compiled steps."""
+
+    @abc.abstractmethod
+    def train_step(self, run: "Run", step: int) -> str | None:
+        """Runs iteration ``step`` (1-based) and advances ``run.step`` to it. The update is
+        applied only when finite; otherwise returns one sentence that names what became
+        non-finite and how to avoid it (the harness stops or goes on as ``--on_nan`` says)."""
+
+    @abc.abstractmethod
+    def log(self, run: "Run", step: int) -> None:
+        """Writes the training summaries of the window that ends at ``step``."""
+
+    @abc.abstractmethod
+    def validate(self, run: "Run", step: int) -> dict:
+        """Evaluates the weights of ``step`` on the validation tasks, writes the summaries,
+        and returns the learning curve's point: ``{"step", <metric>, <metric>_ci95}``."""
+
+    @abc.abstractmethod
+    def evaluate(self, run: "Run", summaries: bool) -> Evaluation:
+        """Evaluates on the fixed test tasks; writes TensorBoard values (under the default
+        writer, which the harness opens) when ``summaries``."""
+
+    @abc.abstractmethod
+    def results_name(self, config: Config, step: int) -> str:
+        """The results file of a later evaluation by ``maml_tf.evaluate``, named by its
+        protocol so that evaluating with other settings never overwrites another."""
+
+    def describe(self, results: dict) -> None:
+        """Logs the final results' headline numbers."""
+
+
+FamilyFactory = Callable[[Config], TaskFamily]
+
+
+@dataclasses.dataclass
+class Run:
+    """The objects of one run, all created under the strategy's scope."""
+    config: Config
+    workdir: str
+    strategy: tf.distribute.Strategy
+    model: keras.Model
+    learner: Any
+    optimizer: keras.optimizers.Optimizer | None
+    step: tf.Variable
+    manager: tf.train.CheckpointManager
+    family: TaskFamily
+
+
+def build(family: FamilyFactory, config: Config, workdir: str, overwrite: bool = False,
+          model=None, write_config: bool = True) -> Run:
+    """Set-up: strategy, workdir, model, optimizer, checkpoint (section 1).
+
+    family: called with the config, returns the run's ``TaskFamily``. model: None (the
+    family builds ``config.model``), a function ``(input_shape, num_outputs) -> keras.Model``,
+    or a built ``keras.Model``; see ``train``. write_config: check the workdir against
+    ``config`` and write config.json / flags.cfg (False: evaluation, which only reads).
+    """
+    config, model_fn = _with_model(config, model)
+    tasks = family(config)
+    strategy = distribute.make_strategy(config)
+    workdir = distribute.worker_workdir(workdir)
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = model if isinstance(model, keras.Model) else tasks.make_model(config, model_fn)
+        learner = tasks.make_learner(config, model)
+        optimizer = make_optimizer(config)
+        if optimizer is not None:
+            optimizer.build(learner.meta_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    # After the model and learner are built: a model that cannot be built or run exactly
+    # stops the run before anything is written to the workdir.
+    if write_config:
+        checkpointing.prepare_workdir(workdir, config, overwrite)
+    config = tasks.prepare(config, model, strategy)
+    # The learner holds the algorithm's own meta-parameters (learned rates, ...).
+    objects = dict(model=model, step=step, learner=learner)
+    if optimizer is not None:   # TRPO keeps no optimizer state
+        objects["optimizer"] = optimizer
+    ckpt = tf.train.Checkpoint(**objects)
+    manager = checkpointing.make_manager(ckpt, os.path.join(workdir, "checkpoints"))
+    return Run(config, workdir, strategy, model, learner, optimizer, step, manager, tasks)
+
+
+def train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool = False,
+          model=None) -> dict:
+    """Meta-trains (or resumes) the run in ``workdir`` and returns its results.
+
+    family: called with the config, returns the run's ``TaskFamily``. model: None builds
+    ``config.model``. Your own network: a module-level function ``(input_shape,
+    num_outputs) -> keras.Model`` (recorded in the workdir, so that resuming and ``python -m
+    maml_tf.evaluate`` rebuild it), or a built ``keras.Model`` (default strategy only; pass
+    it again to resume).
+    """
+    entering_run()
+    # One owner per workdir for the whole run (a second run is refused, naming this one),
+    # and SIGTERM / SIGINT end it with a checkpoint of the last completed iteration.
+    owned = distribute.worker_workdir(workdir)
+    with checkpointing.workdir_lock(owned), checkpointing.temporary_files_in(owned), \
+            StopSignals() as stop:
+        return _train(family, config, workdir, overwrite, model, stop)
+
+
+def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool, model,
+           stop: StopSignals) -> dict:
+    # -- 1. Set-up --------------------------------------------------------------------
+    r = build(family, config, workdir, overwrite, model)
+    config, workdir, tasks = r.config, r.workdir, r.family
+    _preflight(r)
+    # -- 2. Restore-or-init -------------------------------------------------------------
+    restored = checkpointing.restore_or_init(r.manager)
+    start = int(r.step.numpy())
+    logging.info("%s at iteration %d of %d in %s", "Resuming" if restored else "Starting",
+                 start, config.num_iterations, workdir)
+    history = load_history(workdir, start)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
+    schedule = Schedule(config)
+    t0 = time.time()
+    with writer.as_default(), checkpointing.training_session(workdir, start) as session:
+        # -- 3. The family's training session --------------------------------------------
+        tasks.start_training(r, start)
+        # -- 4. Loop ----------------------------------------------------------------------
+        if start and schedule.validate(start) and not any(h["step"] == start for h in history):
+            # The last session stopped in this validation and saved its checkpoint first.
+            _validate(r, start, history)
+        for step in range(start + 1, config.num_iterations + 1):
+            problem = tasks.train_step(r, step)
+            if problem is not None and config.on_nan == "fail":
+                raise NonFiniteError(f"{problem} The update was not applied and no checkpoint "
+                                     "of it was written.")
+            session["to_iteration"] = step
+            if stop.requested:
+                r.manager.save(checkpoint_number=step)
+                raise RunInterrupted(stop.requested, step)
+            if schedule.log(step):
+                tasks.log(r, step)
+            if schedule.validate(step):
+                _validate(r, step, history)
+            if schedule.checkpoint(step):
+                r.manager.save(checkpoint_number=step)
+    train_seconds = time.time() - t0
+    if stop.requested:   # during the last validation: the final checkpoint is saved
+        raise RunInterrupted(stop.requested, config.num_iterations)
+    # -- 5. Final evaluation --------------------------------------------------------------
+    return final_evaluation(r, train_seconds, start)
+
+
+def _validate(r: Run, step: int, history: list) -> None:
+    """One point of the learning curve, appended to ``history`` and history.json."""
+    try:
+        history.append(r.family.validate(r, step))
+    except Exception:
+        # A validation that fails (a bug, memory) must not cost the iterations since the
+        # last checkpoint: the weights are those of `step`. (A second stop signal raises
+        # KeyboardInterrupt: it stops at once, as it says.)
+        r.manager.save(checkpoint_number=step)
+        logging.error("Validation at iteration %d failed; checkpoint ckpt-%d is saved and the "
+                      "same command resumes from it (validating it first).", step, step)
+        raise
+    checkpointing.atomic_write_json(os.path.join(r.workdir, "history.json"), history)
+
+
+def _preflight(r: Run) -> None:
+    r.family.preflight(r)
+    for message in r.config.warnings():
+        logging.warning("%s", message)
+
+
+def evaluate(family: FamilyFactory, workdir: str, model=None, **overrides) -> dict:
+    """Evaluates the latest checkpoint of ``workdir`` on fixed test tasks (as ``python -m
+    maml_tf.evaluate``) and writes ``results-<protocol>.json`` (the family's
+    ``results_name``).
+
+    family: called with the run's config, returns its ``TaskFamily``. overrides: evaluation
+    settings (``EVAL_OVERRIDES``, e.g. ``eval_tasks=50``); the run's config.json, flags.cfg
+    and results.json are never changed. model: as for ``train`` when the run was given one
+    from Python.
+    """
+    entering_run()
+    unknown = sorted(set(overrides) - set(EVAL_OVERRIDES))
+    if unknown:
+        raise ConfigError(f"{', '.join('--' + k for k in unknown)} cannot change at evaluation; "
+                          f"the evaluation settings are {', '.join('--' + k for k in EVAL_OVERRIDES)}.")
+    owned = distribute.worker_workdir(workdir)
+    with checkpointing.workdir_lock(owned), checkpointing.temporary_files_in(owned):
+        config = Config.from_dict({**read_config(workdir).to_flat_dict(), **overrides})
+        r = build(family, config, workdir, model=model, write_config=False)
+        if checkpointing.restore_or_init(r.manager) is None:
+            raise ConfigError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+        restored = int(r.step.numpy())   # no training here: start = the checkpoint's step
+        _preflight(r)
+        return final_evaluation(r, start=restored,
+                                name=r.family.results_name(r.config, restored))
+
+
+def read_config(workdir: str) -> Config:
+    """The config of the run in ``workdir``: its config.json, sectioned or (written before
+    the sections) flat."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return Config.from_dict(json.load(f))
+
+
+def final_evaluation(r: Run, train_seconds: float = 0.0, start: int = 0,
+                     name: str = "results") -> dict:
+    """Evaluates on the fixed test tasks and writes ``<name>.json`` atomically; TensorBoard
+    gets the values under ``eval/`` (``eval/<name>/`` for a named evaluation) once per step:
+    an evaluation that repeats a written result does not write them again."""
+    step = int(r.step.numpy())
+    path = os.path.join(r.workdir, f"{name}.json")
+    t0 = time.time()
+    events = os.path.join(r.workdir, "eval", "" if name == "results" else name)
+    with tf.summary.create_file_writer(events).as_default():
+        out = r.family.evaluate(r, summaries=not _already_written(path, step))
+    results = {
+        "protocol": out.protocol,
+        "legend": out.legend,
+        "test": out.test,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "iterations_this_session": step - start,
+        "train_seconds_total": checkpointing.training_time(r.workdir),
+        "eval_seconds": round(time.time() - t0, 1),
+        "environment": provenance.environment(r.strategy),
+    }
+    checkpointing.atomic_write_json(path, results)
+    r.family.describe(results)
+    return results
+
+
+def _already_written(path: str, step: int) -> bool:
+    """Whether ``path`` holds a result of checkpoint ``step`` (then its TensorBoard values
+    are written already)."""
+    try:
+        with open(path) as f:
+            return json.load(f)["protocol"]["checkpoint_step"] == step
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def load_history(workdir: str, start: int) -> list:
+    """The validation curve up to the restored iteration ``start``: validations after the
+    checkpoint that the run resumes from are redone, so they must not stay twice."""
+    path = os.path.join(workdir, "history.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return [h for h in json.load(f) if h["step"] <= start]
+    return []
+
+
+def _with_model(config: Config, model) -> tuple[Config, Callable | None]:
+    """(config with the model recorded, the model function or None) for ``build``.
+
+    A module-level function is recorded as ``module:function`` (or ``file.py:function``),
+    so that resuming and ``maml_tf.evaluate`` rebuild it; a ``keras.Model`` object is
+    recorded as ``instance`` and must be passed again to resume or evaluate.
+    """
+    if model is None:
+        if config.model == CUSTOM_INSTANCE:
+            raise ConfigError("This run's model was a keras.Model object passed from Python: pass "
+                              "it again (maml_tf.train(config, workdir, model=...) or "
+                              "maml_tf.evaluate_workdir(workdir, model=...)).")
+        return config, None
+    if isinstance(model, keras.Model):
+        if config.strategy != "default":
+            raise ConfigError(f"--strategy={config.strategy} must create the model under its "
+                              "scope: pass a function (input_shape, num_outputs) -> keras.Model "
+                              "instead of a keras.Model object.")
+        return config.replace(model=CUSTOM_INSTANCE), None
+    if not callable(model):
+        raise ConfigError(f"model must be a keras.Model or a function (input_shape, num_outputs) "
+                          f"-> keras.Model, got {type(model).__name__}.")
+    spec = model_spec(model)
+    if spec is None:
+        raise ConfigError(f"The model function {getattr(model, '__qualname__', model)!r} cannot be "
+                          "found again by name (a lambda or a nested function), so the run could "
+                          "not be resumed or evaluated: define it at the top level of a module.")
+    return config.replace(model=spec), model
+
+
+def make_optimizer(config: Config) -> keras.optimizers.Optimizer | None:
+    """The outer optimizer and its learning-rate schedule over ``num_iterations``: constant,
+    linear to 0 (Reptile's annealed epsilon) or cosine to ``min_meta_lr`` (MAML++ CA). The
+    schedule reads the optimizer's own iteration counter, which checkpoints restore. None
+    for TRPO, whose update ``maml_tf.rl`` computes."""
+    optim = config.optim
+    if optim.meta_optimizer == "trpo":
+        return None
+    lr = optim.meta_lr
+    horizon = max(optim.num_iterations, 1)
+    if optim.meta_lr_schedule == "linear":
+        lr = keras.optimizers.schedules.PolynomialDecay(lr, horizon, end_learning_rate=0.0)
+    elif optim.meta_lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, horizon, alpha=optim.min_meta_lr / lr)
+    if optim.meta_optimizer == "sgd":
+        return keras.optimizers.SGD(lr)
+    return keras.optimizers.Adam(lr)
+
+
+def current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    """The outer learning rate now (a mirrored variable or a schedule's value)."""
+    lr = optimizer.learning_rate
+    return float(tf.convert_to_tensor(lr(optimizer.iterations) if callable(lr) else lr))
