@@ -30,7 +30,8 @@ setup(
         "cpu": [f"tensorflow-cpu~=2.21.0; {LINUX_X86}", f"tensorflow~=2.21.0; {OTHER}"],
         "gpu": ["tensorflow[and-cuda]~=2.21.0"],
         "tpu": ["tensorflow-tpu~=2.21.0"],
-        "test": ["pytest>=8"],
+        # .ci/run lints (ruff) and type-checks (mypy) before the tests: pyproject.toml.
+        "test": ["pytest>=8", "ruff>=0.17,<0.18", "mypy>=2.4,<3"],
         # HalfCheetah goal velocity / direction (reinforcement learning); 2D navigation and
         # the tests need nothing more.
         "rl": ["gymnasium[mujoco]>=1.0"],

@@ -82,7 +82,7 @@ def main():
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         proc = subprocess.run([sys.executable, __file__, f"--child={cell}", f"--steps={a.steps}"],
                               cwd=ROOT, env=env, capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not lines:
             print(f"| {cell} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
             continue

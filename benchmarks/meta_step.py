@@ -222,7 +222,7 @@ def _spawn(args: list[str]) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, __file__, "--child"] + args, env=env,
                           capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == -9 and not lines:
         # The kernel's OOM killer: a configuration that does not fit is a result too.
         print(f"benchmark child {args} was killed (SIGKILL: out of memory?)", file=sys.stderr)
@@ -236,16 +236,19 @@ def _spawn(args: list[str]) -> dict:
 
 
 def _print_speed(rows, peak):
-    print("| case | model | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | GFLOP/s | % of peak | loop tasks/s | speed-up |")
+    print("| case | model | order | chunks | tasks/s | compile s | peak RSS MB | GFLOP/step | "
+          "GFLOP/s | % of peak | loop tasks/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("killed"):
             print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | "
                   "killed: out of memory | | | | | | | |")
             continue
-        print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | {r['tasks_per_s']:.3g} | {r['compile_s']:.1f} | "
+        print(f"| {r['case']} | {r['model']} | {r['order']} | {r['task_chunks']} | "
+              f"{r['tasks_per_s']:.3g} | {r['compile_s']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
-              f"{100 * r['gflop_per_s'] / peak:.0f}% | {r.get('loop_tasks_per_s', float('nan')):.0f} | {r.get('speedup_vs_loop', float('nan')):.2f}x |")
+              f"{100 * r['gflop_per_s'] / peak:.0f}% | {r.get('loop_tasks_per_s', float('nan')):.0f} | "
+              f"{r.get('speedup_vs_loop', float('nan')):.2f}x |")
 
 
 def _print_memory(rows):

@@ -85,6 +85,6 @@ def _from_csv(data_dir: str, csv_path: str) -> tuple[list[str], np.ndarray]:
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {path} listed in {csv_path}: {e}") from e
         if img.size != (SIZE, SIZE):
-            img = img.resize((SIZE, SIZE), Image.BILINEAR)
+            img = img.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
         groups.setdefault(row["label"], []).append(np.asarray(img))
     return _stack(groups, csv_path)

@@ -40,8 +40,9 @@ from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML, MAN
 from maml_tf.meta_learner import MetaLearner, StepMetrics  # noqa: E402
 from maml_tf.models.functional import FunctionalModel, InexactModelError  # noqa: E402
 from maml_tf.api import evaluate_workdir, train  # noqa: E402
-from maml_tf.version import VERSION as __version__  # noqa: E402
+from maml_tf.version import VERSION  # noqa: E402
 
+__version__ = VERSION
 MAMLPlusPlus = MamlPlusPlus
 
 __all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "CNPClassifier", "Config", "ConfigError", "Episode", "FOMAML",

@@ -121,7 +121,7 @@ def training_session(workdir: str, start: int):
 
     Yields a dict whose ``"to_iteration"`` the loop sets after each completed iteration.
     """
-    session = {"from_iteration": start, "to_iteration": start,
+    session: dict = {"from_iteration": start, "to_iteration": start,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     t0 = time.time()
     try:

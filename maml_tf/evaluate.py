@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, argv=cli.argv())
+    app.run(main, argv=cli.argv(FLAGS, only=("workdir",) + api.EVAL_OVERRIDES))

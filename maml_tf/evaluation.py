@@ -58,12 +58,12 @@ def summarize(values: np.ndarray) -> dict:
 
 def evaluate(eval_step, dataset, num_tasks: int, regression: bool) -> dict:
     """Runs ``eval_step`` over a distributed dataset of exactly ``num_tasks`` tasks."""
-    losses, accs = [], []
+    loss_parts, accs = [], []
     for episode in dataset:
         loss, acc = eval_step(episode)
-        losses.append(loss.numpy())
+        loss_parts.append(loss.numpy())
         accs.append(acc.numpy())
-    losses = np.concatenate(losses)[:num_tasks]
+    losses = np.concatenate(loss_parts)[:num_tasks]
     if losses.shape[0] != num_tasks:
         raise RuntimeError(f"Evaluation saw {losses.shape[0]} tasks, expected {num_tasks}.")
     diverged = int((~np.isfinite(losses[:, -1])).sum())

@@ -1,13 +1,15 @@
 """Every absl flag of the entry points, grouped. Names are the public interface.
 
 Defaults come from ``Config`` so that one place holds them. No logic lives here besides
-``config_from_flags``, which copies flag values into a ``Config``.
+``config_from_flags``, which copies flag values into a ``Config``, and ``sectioned_help``,
+which lists the flags by the ``Config``'s sections for ``--help``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import textwrap
+from typing import Sequence
 
 from absl import flags
 
@@ -190,3 +192,30 @@ def expand_flagfiles(argv: list[str], _including: str | None = None,
         lines = [line for line in lines if line and not line.startswith(("#", "//"))]
         out.extend(expand_flagfiles(lines, path, _stack + (path,)))
     return out
+
+
+# Flags of the command, not of the run's Config.
+COMMAND_FLAGS = ("workdir", "overwrite")
+
+
+def sectioned_help(values: flags.FlagValues, doc: str = "",
+                   only: Sequence[str] | None = None) -> str:
+    """``--help``: ``doc``, then the flags by the Config's sections (data, network, algorithm,
+    optimisation, evaluation, run, reinforcement learning), each with its help and default.
+    only: the flags that this entry point takes (None: all)."""
+    lines = [doc.strip(), ""] if doc else []
+    groups = [("Command", COMMAND_FLAGS)] + [(s.TITLE, s.field_names()) for s in C.SECTIONS]
+    for title, names in groups:
+        shown = [n for n in names if n in values and (only is None or n in only)]
+        if not shown:
+            continue
+        lines.append(f"{title}:")
+        for name in shown:
+            flag = values[name]
+            text = f"--{'[no]' if flag.boolean else ''}{name}: {flag.help}"
+            lines += textwrap.wrap(text, 96, initial_indent="  ", subsequent_indent="    ")
+            lines.append(f"    (default: {flag.default_as_str})")
+        lines.append("")
+    lines.append("--flagfile=PATH reads flags from a file (one per line, # comments); "
+                 "--helpfull lists absl's own flags too.")
+    return "\n".join(lines)

@@ -3,7 +3,7 @@
 ``train(family, config, workdir)`` owns the workdir lock, the stop signals, restore-or-init
 (with the damaged-checkpoint fallback of ``checkpointing``), the schedule, ``sessions.json``,
 ``history.json``, the non-finite stop, checkpoints, validation bookkeeping, the results file
-and its provenance. A *task family* (``TaskFamily``: supervised episodes in
+and its provenance. A *task family* (``family.TaskFamily``: supervised episodes in
 ``maml_tf/supervised.py``, policy rollouts in ``maml_tf/rl/family.py``) provides only what
 differs: its network, its learner, its data or environment, its train step, its validation,
 its evaluation and its summaries. The harness imports no family; a new family is a subclass
@@ -21,14 +21,13 @@ passed to ``train`` and needs no change here.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import keras
 import tensorflow as tf
@@ -36,7 +35,7 @@ from absl import logging
 
 from maml_tf import checkpointing, distribute, provenance
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
-from maml_tf.meta_learner import MetaLearner
+from maml_tf.family import FamilyFactory, Run, TaskFamily  # noqa: F401 -- TaskFamily: API
 from maml_tf.models import entering_run, model_spec
 
 # The settings ``evaluate`` may change for one evaluation of a trained run.
@@ -101,97 +100,6 @@ class Schedule:
 
     def checkpoint(self, step: int) -> bool:
         return self._every(step, self.config.run.checkpoint_every)
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """What a family's evaluation on the fixed test tasks gives for the results file."""
-    protocol: dict   # how the numbers were obtained (tasks, steps, seeds, checkpoint, ...)
-    legend: dict     # what each key of ``test`` means
-    test: dict       # the numbers: per shot or per metric, mean and ci95 lists
-
-
-class TaskFamily(abc.ABC):
-    """What one kind of tasks adds to the harness. A family object belongs to one run;
-    it may keep the state of its training session (its data iterator, compiled steps and
-    logging window) between the calls, which come in this order::
-
-        make_model, make_learner, prepare            (build)
-        preflight                                     (train and evaluate)
-        start_training, [validate], train_step, log, validate, ...   (train)
-        evaluate                                      (train and evaluate)
-
-    ``run`` is the ``Run`` that ``build`` made; read its ``config`` (``prepare`` may have
-    replaced the one the family was made with).
-    """
-
-    @abc.abstractmethod
-    def make_model(self, config: Config, model_fn: Callable | None) -> keras.Model:
-        """The network (under the strategy's scope): ``model_fn(input_shape, num_outputs)``
-        when the user gave one, else the family's own for ``config``."""
-
-    @abc.abstractmethod
-    def make_learner(self, config: Config, model: keras.Model) -> MetaLearner:
-        """The learner of ``config.algorithm`` around ``model`` (under the strategy's scope)."""
-
-    def prepare(self, config: Config, model: keras.Model,
-                strategy: tf.distribute.Strategy) -> Config:
-        """After the workdir's config.json is written: settings chosen for this machine
-        (config.json keeps the user's choice, so a resume elsewhere chooses again)."""
-        return config
-
-    def preflight(self, run: "Run") -> None:
-        """Checks what would otherwise fail hours into the run (data, shapes)."""
-
-    @abc.abstractmethod
-    def start_training(self, run: "Run", start: int) -> None:
-        """Opens the training session at iteration ``start``: data resumed where iteration
-        ``start + 1`` reads, compiled steps."""
-
-    @abc.abstractmethod
-    def train_step(self, run: "Run", step: int) -> str | None:
-        """Runs iteration ``step`` (1-based) and advances ``run.step`` to it. The update is
-        applied only when finite; otherwise returns one sentence that names what became
-        non-finite and how to avoid it (the harness stops or goes on as ``--on_nan`` says)."""
-
-    @abc.abstractmethod
-    def log(self, run: "Run", step: int) -> None:
-        """Writes the training summaries of the window that ends at ``step``."""
-
-    @abc.abstractmethod
-    def validate(self, run: "Run", step: int) -> dict:
-        """Evaluates the weights of ``step`` on the validation tasks, writes the summaries,
-        and returns the learning curve's point: ``{"step", <metric>, <metric>_ci95}``."""
-
-    @abc.abstractmethod
-    def evaluate(self, run: "Run", summaries: bool) -> Evaluation:
-        """Evaluates on the fixed test tasks; writes TensorBoard values (under the default
-        writer, which the harness opens) when ``summaries``."""
-
-    @abc.abstractmethod
-    def results_name(self, config: Config, step: int) -> str:
-        """The results file of a later evaluation by ``maml_tf.evaluate``, named by its
-        protocol so that evaluating with other settings never overwrites another."""
-
-    def describe(self, results: dict) -> None:
-        """Logs the final results' headline numbers."""
-
-
-FamilyFactory = Callable[[Config], TaskFamily]
-
-
-@dataclasses.dataclass
-class Run:
-    """The objects of one run, all created under the strategy's scope."""
-    config: Config
-    workdir: str
-    strategy: tf.distribute.Strategy
-    model: keras.Model
-    learner: Any
-    optimizer: keras.optimizers.Optimizer | None
-    step: tf.Variable
-    manager: tf.train.CheckpointManager
-    family: TaskFamily
 
 
 def build(family: FamilyFactory, config: Config, workdir: str, overwrite: bool = False,

@@ -90,6 +90,7 @@ def resolve(loss, metric="auto") -> tuple[Callable, Callable | None]:
         loss_fn = per_task(loss, getattr(loss, "__name__", type(loss).__name__))
     else:
         raise TypeError(f"loss must be a name, a keras.losses.Loss or a callable, got {loss!r}.")
+    metric_fn: Callable | None
     if metric == "auto":
         metric_fn = auto_accuracy
     elif metric == "accuracy":

@@ -8,6 +8,10 @@ stay on the outer tape, so the meta-gradient differentiates through every inner 
 
 Shapes (see ``data.episode.Episode``): support ``x`` ``[T, N_s, ...]``, ``y`` ``[T, N_s, ...]``;
 query ``[T, N_q, ...]``.
+
+Why this module is long: it is the one contract that 19 learners subclass, and the inner
+loop, the per-step query metrics, the evaluation modes and the memory-saving recompute are
+one computation whose parts read each other's state; split, each part would need the others.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class MetaLearner(tf.Module):
     # What the columns of evaluation's metrics count (``eval_metrics``): "inner_steps" (after
     # 0..S inner steps), "shots_seen" (after 0..K support examples per class were read: the
     # black-box learners) or None (one column: the embedding learners).
-    metric_axis = "inner_steps"
+    metric_axis: str | None = "inner_steps"
 
     # Whether meta-training differentiates through inner gradients (False: first-order
     # algorithms, ProtoNets, pre-training), which decides if inexact layers are refused.
@@ -133,7 +137,8 @@ class MetaLearner(tf.Module):
                              "would draw new dropout masks: use one of recompute and Dropout.")
         self.extra: list[tf.Variable] = []
         self.state: list[tf.Variable] = []
-        self._eval_mode = None   # set by eval_metrics_in_mode while it traces
+        # Set by eval_metrics_in_mode while it traces.
+        self._eval_mode: types.SimpleNamespace | None = None
 
     # -- the public API -----------------------------------------------------------------
     def adapt(self, support_x, support_y, steps: int | None = None,

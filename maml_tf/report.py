@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from maml_tf.config import flatten_config
+
 # (dataset, way, shot, algorithm) -> the published number and its source. Way is None for
 # regression and RL, shot None for RL.
 PAPER: dict[tuple, str] = {
@@ -151,8 +153,9 @@ def read_run(workdir: str) -> RunRecord:
                           f"latest checkpoint with python -m maml_tf.evaluate --workdir={workdir}.")
     try:
         with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
+            # Sectioned, or flat as runs written before the config's sections have it.
+            config = flatten_config(json.load(f))
+    except (OSError, ValueError) as e:   # ConfigError is a ValueError
         raise ReportError(f"{workdir}: config.json is unreadable ({e}).") from None
     evaluations = [read_evaluation(p) for p in extra]
     if os.path.exists(main_path):
@@ -190,7 +193,8 @@ def _name(config: dict, iterations: int) -> str:
 
 
 def _cell(config: dict, shot_key: str) -> str:
-    dataset = _DATASET_NAMES.get(config.get("dataset"), config.get("dataset", "?"))
+    dataset = str(config.get("dataset", "?"))
+    dataset = _DATASET_NAMES.get(dataset, dataset)
     if not shot_key:
         return dataset
     shot = shot_key.replace("shot", "")
@@ -203,6 +207,7 @@ def _paper(config: dict, shot_key: str, iterations: int) -> str:
     algorithm = "oracle" if config.get("oracle") else config.get("algorithm")
     if iterations == 0:
         algorithm = "random"
+    key: tuple
     if config.get("dataset") in ("sinusoid",):
         key = (config["dataset"], None, int(shot_key.replace("shot", "")), algorithm)
     elif not shot_key:
@@ -256,7 +261,7 @@ def table(runs: list[RunRecord], all_steps: bool = False) -> str:
     for run in runs:
         for e in [run.main] + run.others:
             found.setdefault(e.column, e.order)
-    columns = sorted(found, key=found.get)
+    columns = sorted(found, key=lambda c: found[c])
     header = (["cell", "algorithm", "paper"] + [f"ours: {c}" for c in columns] +
               ["test steps", "test tasks", "iterations × meta-batch", "hardware",
                "train wall time"])

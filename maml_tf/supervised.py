@@ -22,7 +22,8 @@ from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_li
 from maml_tf.algorithms import build_learner, train_inner_steps
 from maml_tf.algorithms.cnp import REPRESENTATION
 from maml_tf.config import Config, ConfigError
-from maml_tf.harness import Evaluation, Run, Schedule as _Schedule, TaskFamily, current_lr
+from maml_tf.family import Evaluation, Run, TaskFamily
+from maml_tf.harness import Schedule as _Schedule, current_lr
 from maml_tf.meta_learner import MetaLearner
 from maml_tf.models import get_model, zoo
 from maml_tf.train_step import make_train_step

@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, argv=cli.argv())
+    app.run(main, argv=cli.argv(FLAGS))

@@ -97,7 +97,7 @@ def load_model_fn(spec: str) -> Callable:
     """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"--model={spec!r} is neither a zoo model ({', '.join(('auto', 'mlp', 'conv4', 'resnet12'))}) "
+        raise ConfigError(f"--model={spec!r} is neither a zoo model (auto, mlp, conv4, resnet12) "
                           "nor 'package.module:function' / 'path/to/file.py:function'.")
     try:
         if module_name.endswith(".py"):
@@ -106,6 +106,8 @@ def load_model_fn(spec: str) -> Callable:
                 raise FileNotFoundError(f"no file {path}")
             name = _FILE_PREFIX + os.path.splitext(os.path.basename(path))[0]
             module_spec = importlib.util.spec_from_file_location(name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise ImportError(f"{path} cannot be loaded as a Python module")
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
             with _loading():
@@ -120,7 +122,7 @@ def load_model_fn(spec: str) -> Callable:
                           f"({type(e).__name__}: {e}). Run from the directory that holds it, add "
                           "that directory to PYTHONPATH, or give a path: "
                           "--model=path/to/file.py:function.") from None
-    fn = module
+    fn: object = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:

@@ -21,6 +21,10 @@ together:
 * anything else: the layer's own ``stateless_call``, task by task. Its second derivative
   is not known to be exact, so a second-order learner refuses such a model
   (``InexactModelError``) unless told to accept it (``strict=False``: a warning).
+
+Why this module is long: the three ways of walking a model (Sequential, Functional graph,
+traced subclass) share one runner and one exactness check, which would otherwise be
+stated three times.
 """
 
 from __future__ import annotations
@@ -280,7 +284,7 @@ class FunctionalModel:
             warnings.warn(message, stacklevel=3)
 
     def _check(self, root) -> None:
-        owned = set()
+        owned: set[int] = set()
         for op in _ops(root):
             owned.update(id(v) for v in _weights(op))
             reason = _unsupported_reason(op)

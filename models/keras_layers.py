@@ -262,10 +262,10 @@ def _registry() -> dict:
     table = {
         layers.Dense: (_plain, _dense),
         layers.Conv2D: (_conv_check, _conv2d),
-        layers.DepthwiseConv2D: (lambda l: _channels_last(l) or _plain(l), _depthwise_conv2d),
+        layers.DepthwiseConv2D: (lambda layer: _channels_last(layer) or _plain(layer), _depthwise_conv2d),
         layers.BatchNormalization: (_batch_norm_check, _batch_norm),
         layers.LayerNormalization: (_ok, _layer_norm),
-        layers.PReLU: (lambda l: None if not l.shared_axes else "shared_axes is set", _prelu),
+        layers.PReLU: (lambda layer: None if not layer.shared_axes else "shared_axes is set", _prelu),
         layers.MaxPooling2D: (_channels_last, _pool("max")),
         layers.AveragePooling2D: (_channels_last, _pool("avg")),
         layers.GlobalAveragePooling2D: (_channels_last, _global_pool(tf.reduce_mean)),

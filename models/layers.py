@@ -19,6 +19,9 @@ Two traps are avoided on purpose:
   the first derivative is unchanged but second-order meta-gradients are wrong.
 * ``MaxPool2x2`` is a reshape + ``reduce_max``: XLA's second derivative of the
   ``MaxPool`` op is wrong in float32.
+
+Why this module is long: each layer is short, and they are the zoo's one set of exact
+layers, kept together so that the traps above are written and tested in one place.
 """
 
 from __future__ import annotations

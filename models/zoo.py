@@ -6,8 +6,9 @@
   head.
 
 A layer followed by batch norm has no bias: the normalisation cancels it exactly, so its
-true gradient is zero and Adam would only turn rounding noise into weight updates. Omniglot: 64 filters, stride-2 convolutions, global average pool (as
-  cbfinn/maml). mini-ImageNet: 32 filters, 2x2 max-pool, flatten.
+true gradient is zero and Adam would only turn rounding noise into weight updates.
+Omniglot: 64 filters, stride-2 convolutions, global average pool (as cbfinn/maml).
+mini-ImageNet: 32 filters, 2x2 max-pool, flatten.
 """
 
 from __future__ import annotations

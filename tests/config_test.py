@@ -1,6 +1,7 @@
 """Config validation, flag parsing and the runs/ flagfiles."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -88,3 +89,85 @@ def test_help_lists_the_projects_flags():
 def test_missing_flagfile_is_a_clear_error():
     with pytest.raises(ConfigError, match="--flagfile=runs/no_such.cfg: no such file"):
         parse(["--flagfile=runs/no_such.cfg"])
+
+
+# -- sections ------------------------------------------------------------------------------
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def _fixture(name: str) -> dict:
+    with open(os.path.join(FIXTURES, name)) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(FIXTURES)))
+def test_a_flat_config_json_of_earlier_runs_reads_into_the_same_values(name):
+    # Written by the code before the sections (commit 6dceb70): every key at the top level.
+    flat = _fixture(name)
+    config = Config.from_dict(flat)
+    assert config.to_flat_dict() == flat
+    assert Config.from_dict(config.to_dict()) == config
+    assert Config.from_dict(json.loads(config.to_json())) == config
+
+
+def test_config_json_holds_only_the_sections_and_switches_that_apply():
+    sinusoid = Config.from_dict(_fixture("flat_config_sinusoid.json")).to_dict()
+    assert list(sinusoid) == ["data", "network", "learner", "optim", "evaluation", "run"]
+    assert "way" not in sinusoid["data"] and "svm_c" not in sinusoid["learner"]
+    assert "num_filters" not in sinusoid["network"] and "lslr" not in sinusoid["learner"]
+    nav = Config.from_dict(_fixture("flat_config_navigation_2d.json")).to_dict()
+    assert nav["rl"]["trajectories"] == 4 and "eval_mode" not in nav["evaluation"]
+    assert list(nav["data"]) == ["dataset"]
+    mamlpp = Config.from_dict(_fixture("flat_config_omniglot_mamlpp.json")).to_dict()
+    assert mamlpp["learner"]["lslr"] is True and mamlpp["network"]["num_filters"] == 48
+    assert "svm_c" not in mamlpp["learner"] and mamlpp["data"]["split"] == "vinyals"
+
+
+def test_a_switch_that_does_not_apply_is_kept_when_it_was_set():
+    # Omitting it would change the config on the way through config.json.
+    config = Config(dataset="mini_imagenet", split="vinyals")
+    assert config.to_dict()["data"]["split"] == "vinyals"
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_the_flat_form_and_the_sections_build_the_same_config():
+    from maml_tf.config import DataConfig, LearnerConfig
+    flat = Config(dataset="omniglot", way=5, shot=1, inner_lr=0.4, algorithm="anil")
+    by_sections = Config(data=DataConfig(dataset="omniglot", way=5, shot=1),
+                         learner=LearnerConfig(algorithm="anil", inner_lr=0.4))
+    assert flat == by_sections
+    assert flat.way == flat.data.way == 5 and flat.learner.inner_lr == 0.4
+    assert flat.rl is None and flat.trajectories == 20   # an absent section reads defaults
+    assert flat.replace(seed=3).run.seed == 3 and flat.run.seed == 0
+    with pytest.raises(ConfigError, match="--way=1"):
+        DataConfig(dataset="omniglot", way=1)
+    with pytest.raises(ConfigError, match="takes a DataConfig, got LearnerConfig"):
+        Config(data=LearnerConfig())
+
+
+def test_a_misspelt_field_is_refused_with_the_right_name():
+    with pytest.raises(ConfigError, match="'num_iteration': did you mean 'num_iterations'"):
+        Config(num_iteration=5)
+    with pytest.raises(ConfigError, match="section 'data' holds 'inner_lr', a field of section 'learner'"):
+        Config.from_dict({"data": {"inner_lr": 0.1}})
+    with pytest.raises(AttributeError, match="did you mean 'meta_lr'"):
+        Config().meta_lrr   # noqa: B018
+
+
+def test_help_lists_the_flags_by_section():
+    import subprocess
+    import sys
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-m", "maml_tf.train", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True).stdout
+    titles = ["Data and tasks", "Network", "Algorithm and inner loop", "Optimisation",
+              "Evaluation", "Run", "Reinforcement learning"]
+    positions = [out.find("\n" + t) for t in titles]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), out[:3000]
+    data = out[positions[0]:positions[1]]
+    assert "--way" in data and "--inner_lr" not in data
+    assert out.find("--inner_lr") > positions[2] and out.find("--trajectories") > positions[6]
+    evaluate = subprocess.run([sys.executable, "-m", "maml_tf.evaluate", "--help"], cwd=ROOT,
+                              env=env, capture_output=True, text=True).stdout
+    assert "--eval_tasks" in evaluate and "--workdir" in evaluate
+    assert "  --inner_lr:" not in evaluate and "  --meta_batch_size:" not in evaluate

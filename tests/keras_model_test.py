@@ -493,7 +493,7 @@ def test_cli_model_function_trains_evaluates_and_ignores_the_users_data_and_mode
     train = _python(["-m", "maml_tf.train", "--dataset=sinusoid", "--model=user_nets:mlp",
                      f"--workdir={workdir}"] + FAST, tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
-    assert json.loads((workdir / "config.json").read_text())["model"] == "user_nets:mlp"
+    assert json.loads((workdir / "config.json").read_text())["network"]["model"] == "user_nets:mlp"
     first = json.loads((workdir / "results.json").read_text())
     evaluate = _python(["-m", "maml_tf.evaluate", f"--workdir={workdir}"], tmp_path)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -551,7 +551,7 @@ def test_readme_example_trains_a_user_model_on_omniglot_then_evaluates(tmp_path,
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(json.loads(run.stdout.strip().splitlines()[-1])) == 4   # after 0..3 steps
     config = json.loads((workdir / "config.json").read_text())
-    assert config["model"] == f"{script}:my_model"
+    assert config["network"]["model"] == f"{script}:my_model"
     assert (workdir / "checkpoints" / "ckpt-2.index").exists() and list((workdir / "train").iterdir())
     evaluate = _python(["-m", "maml_tf.evaluate", f"--workdir={workdir}", "--eval_tasks=2"], ROOT)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]

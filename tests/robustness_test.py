@@ -41,7 +41,7 @@ def test_kill_9_mid_run_then_resume_ends_bitwise_identical(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     assert _train(straight).wait() == 0
     rng = random.Random(0)
-    for attempt in range(2):   # kill twice, at random moments after a checkpoint exists
+    for _ in range(2):   # kill twice, at random moments after a checkpoint exists
         proc = _train(killed)
         deadline = time.time() + 120
         while not glob.glob(os.path.join(killed, "checkpoints", "ckpt-*.index")):

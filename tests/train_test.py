@@ -292,7 +292,8 @@ def test_evaluation_never_changes_the_run_and_names_its_own_results(tmp_path):
     same = api.results_name(smoke(), 4)
     again = json.load(open(os.path.join(workdir, same + ".json")))
     assert again["test"] == json.loads(json.dumps(first))
-    other = json.load(open(os.path.join(workdir, "results-step4-6tasks-3steps-5shot-10queries-transductive-seed1234.json")))
+    other = json.load(open(os.path.join(
+        workdir, "results-step4-6tasks-3steps-5shot-10queries-transductive-seed1234.json")))
     assert other["protocol"]["inner_steps"] == 3 and other["protocol"]["num_tasks"] == 6
     assert len(other["test"]["5shot"]["loss"]["mean"]) == 4 and set(other["test"]) == {"5shot"}
     assert _values(os.path.join(workdir, "eval"), "test_5shot/loss/step_2") == [4]
@@ -422,7 +423,7 @@ def test_task_chunks_auto_fit_a_chunk_into_the_cache_and_are_chosen_again_on_res
                                            "shot": 1, "num_filters": 64, "meta_batch_size": 4,
                                            "task_chunks": 0}), str(tmp_path / "run"))
     assert r.config.task_chunks == 2
-    assert json.load(open(tmp_path / "run" / "config.json"))["task_chunks"] == 0
+    assert json.load(open(tmp_path / "run" / "config.json"))["optim"]["task_chunks"] == 0
 
 
 def test_console_says_when_it_compiles_and_tensorboard_groups_the_inner_steps(tmp_path, caplog):
@@ -443,3 +444,22 @@ def test_a_curve_of_one_validation_point_shows_the_point(tmp_path):
     rgb = matplotlib.image.imread(path)[..., :3]
     blue = (rgb[..., 2] > 0.7) & (rgb[..., 0] < 0.3) & (rgb[..., 1] < 0.3)
     assert blue.sum() > 10
+
+
+@pytest.mark.parametrize("fixture, first", [("flat_config_sinusoid.json", 2),
+                                            ("flat_config_navigation_2d.json", 1)])
+def test_a_workdir_whose_config_json_is_flat_resumes_and_evaluates(tmp_path, fixture, first):
+    # config.json as the code before the config's sections wrote it (tests/fixtures).
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", fixture)) as f:
+        flat = json.load(f)
+    workdir = str(tmp_path / "run")
+    api.train(Config.from_dict({**flat, "num_iterations": first}), workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(flat, f)
+    results = api.train(Config.from_dict(flat), workdir)   # the same command, resumed
+    assert results["iterations_this_session"] == flat["num_iterations"] - first
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(flat, f)
+    evaluated = api.evaluate_workdir(workdir, eval_tasks=2)
+    assert evaluated["protocol"]["checkpoint_step"] == flat["num_iterations"]
+    assert evaluated["protocol"]["num_tasks"] == 2

@@ -47,7 +47,8 @@ from maml_tf.algorithms.reptile import Reptile
 from maml_tf.algorithms.snail import SNAIL
 from maml_tf.meta_learner import MetaLearner
 
-__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "CNPClassifier", "FOMAML", "IMAML", "MAML", "MANN", "MamlPlusPlus", "MatchingNet",
+__all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "CNPClassifier", "FOMAML", "IMAML", "MAML", "MANN",
+           "MamlPlusPlus", "MatchingNet",
            "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2", "RelationNet", "Reptile",
            "SNAIL", "build_learner", "train_inner_steps"]
 

@@ -24,7 +24,7 @@ class EmbeddingLearner(MetaLearner):
     """
 
     SECOND_ORDER = False   # no inner loop: first derivatives only
-    metric_axis = None
+    metric_axis: str | None = None
 
     def __init__(self, model, *, way: int | None = None, **kwargs):
         super().__init__(model, **kwargs)
@@ -102,13 +102,15 @@ class EmbeddingLearner(MetaLearner):
         # the first `shots` examples of every class, whatever the order (static shapes, for
         # XLA); sorted back into the episode's order.
         order = tf.argsort(seen * ns + tf.range(ns)[None], axis=1)
+        metric_fn = self.metric_fn
+        assert metric_fn is not None, "scores by shots seen are for classifiers"
         for shots in range(ns // self.way + 1):
             keep = tf.sort(order[:, :self.way * shots], axis=1)
             zs_k = tf.gather(zs, keep, axis=1, batch_dims=1)
             ys_k = tf.gather(episode.support_y, keep, axis=1, batch_dims=1)
             logits = self.head(zs_k, ys_k, zq, extra)
             losses.append(self.query_loss(logits, episode.query_y))
-            metrics.append(self.metric_fn(logits, episode.query_y))
+            metrics.append(metric_fn(logits, episode.query_y))
         return StepMetrics(tf.stack(losses, 1), tf.stack(metrics, 1))
 
 

@@ -40,7 +40,7 @@ class MamlPlusPlus(MetaLearner):
         net = self.net
         steps = self.steps = self.inner_steps
         self.msl_iterations, self.da_iterations = msl_iterations, da_iterations
-        extra = []
+        extra: list = []
         self.lslr = None
         if lslr:
             self.lslr = len(extra)
@@ -149,7 +149,7 @@ class MamlPlusPlus(MetaLearner):
                 len(step_losses) != self.steps + 1:
             return super().objective(step_losses, iteration)
         weights = tf.unstack(self.msl_weights(iteration))
-        weighted = tf.add_n([w * tf.reduce_mean(l) for w, l in zip(weights, step_losses[1:])])
+        weighted = tf.add_n([w * tf.reduce_mean(loss) for w, loss in zip(weights, step_losses[1:])])
         return tf.where(tf.cast(iteration, tf.float32) < self.msl_iterations, weighted,
                         tf.reduce_mean(step_losses[-1]))
 

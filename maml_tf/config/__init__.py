@@ -68,7 +68,7 @@ class Config:
             if cls is RLConfig:
                 dataset = flat.get("dataset", (data or DataConfig()).dataset)
                 if dataset not in RL_DATASETS:
-                    _refuse_rl(section, own, dataset)
+                    _refuse_rl(rl, own, dataset)
                     object.__setattr__(self, "rl", None)
                     continue
             values = {**(dataclasses.asdict(section) if section is not None else {}), **own}
@@ -358,10 +358,13 @@ def flatten_config(values: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(part, dict):
             raise ConfigError(f"Config section {name!r} must be a mapping of flags, got "
                               f"{type(part).__name__}.")
-        wrong = sorted(k for k in part if OWNER.get(k) is None or OWNER[k].NAME != name)
-        if wrong:
-            raise ConfigError(f"Config section {name!r} holds keys it does not own: "
-                              + _unknown_message(wrong, quiet_known=True))
+        unknown = sorted(k for k in part if k not in OWNER)
+        if unknown:
+            raise ConfigError(f"Config section {name!r}: " + _unknown_message(unknown))
+        for key in part:
+            if OWNER[key].NAME != name:
+                raise ConfigError(f"Config section {name!r} holds {key!r}, a field of section "
+                                  f"{OWNER[key].NAME!r}: move it there (or give it flat).")
         flat.update(part)
     flat.update({k: v for k, v in values.items() if k not in _SECTION_NAMES})
     return flat
@@ -381,8 +384,8 @@ def _suggestion(name: str) -> str:
     return f": did you mean {close[0]!r}?" if close else ""
 
 
-def _unknown_message(unknown: list[str], quiet_known: bool = False) -> str:
+def _unknown_message(unknown: list[str]) -> str:
     parts = [f"{k!r}{_suggestion(k)}" for k in unknown]
-    known = "" if quiet_known or all(_suggestion(k) for k in unknown) else \
+    known = "" if all(_suggestion(k) for k in unknown) else \
         f" The fields are the flags: {', '.join(sorted(OWNER))}."
     return f"Unknown config key{'s' if len(unknown) > 1 else ''} {'; '.join(parts)}{known}"

@@ -23,7 +23,7 @@ from maml_tf import evaluation, plots
 from maml_tf.algorithms import build_learner, train_inner_steps
 from maml_tf.config import Config
 from maml_tf.data.tasks import seeds_for, task_seed
-from maml_tf.harness import Evaluation, Run, TaskFamily
+from maml_tf.family import Evaluation, Run, TaskFamily
 from maml_tf.meta_learner import MetaLearner
 from maml_tf.models import build_user_model, load_model_fn
 from maml_tf.rl.envs import make_env, spec
@@ -123,7 +123,7 @@ class RLFamily(TaskFamily):
             loss, grads = meta.gradient(batch)
             finite = bool(np.isfinite(float(loss)) and all(
                 np.isfinite(g.numpy()).all() for g in grads))
-            if finite:
+            if finite and run.optimizer is not None:   # Adam (TRPO has none)
                 run.optimizer.apply(grads, learner.meta_variables)
             info["surrogate"] = float(loss)
         run.step.assign(step)
