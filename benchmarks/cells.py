@@ -28,12 +28,10 @@ def child(cfg: str, steps: int) -> dict:
     from absl import flags
     from maml_tf import data as data_lib
     from maml_tf import api, flags as maml_flags, supervised, train_step as train_step_lib
-    from maml_tf.config import Config
     flags.FLAGS(["prog"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
     config = maml_flags.config_from_flags(flags.FLAGS)
     if config.dataset == "mini_imagenet" and not config.data_dir:
-        config = Config.from_dict({**config.to_dict(),
-                                   "data_dir": os.environ.get("MAML_TF_MINI_IMAGENET_DIR", "")})
+        config = config.replace(data_dir=os.environ.get("MAML_TF_MINI_IMAGENET_DIR", ""))
     run = api.build(config, tempfile.mkdtemp(prefix="cell-"))
     train_step = train_step_lib.make_train_step(run)
     schedule = supervised.Schedule(config)

@@ -193,14 +193,12 @@ def algorithm_child(algorithm: str, windows: int, window_steps: int) -> dict:
     """The train step of ``runs/omniglot_5w1s_<algorithm>.cfg`` exactly as configured there."""
     from absl import flags
     from maml_tf import flags as maml_flags
-    from maml_tf.config import Config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = os.path.join(root, "runs", "omniglot_5w1s" + ("" if algorithm == "maml" else f"_{algorithm}") + ".cfg")
     os.chdir(root)
     flags.FLAGS(["bench"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
     data_dir = os.environ.get("MAML_TF_DATA_DIR") or os.path.join(root, "..", "shared", "data", "omniglot")
-    config = Config.from_dict({**maml_flags.config_from_flags(flags.FLAGS).to_dict(),
-                               "data_dir": data_dir})
+    config = maml_flags.config_from_flags(flags.FLAGS).replace(data_dir=data_dir)
     _, _, _, compile_s, steps_per_s = _measure(config, windows, window_steps)
     from maml_tf.algorithms import train_inner_steps
     return {"algorithm": algorithm, "meta_batch": config.meta_batch_size,

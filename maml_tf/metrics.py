@@ -81,7 +81,6 @@ def write_eval(prefix: str, result: dict, step: int, axis: str | None = "inner_s
             tf.summary.scalar(f"{prefix}/{metric}_ci95/{column}_{k}", ci, step=step)
 
 
-
 def write_layout(regression: bool) -> None:
     """A TensorBoard custom-scalars layout (the default writer must be set): the per-step
     query curves in one chart each (loss, accuracy; training and validation), instead of one

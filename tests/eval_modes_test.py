@@ -94,7 +94,6 @@ class EvalModesTest(tf.test.TestCase):
             maml_tf.CNP(maml_tf.models.zoo.mlp(1 + 128, [8], 2)).eval_metrics_in_mode(
                 None, ep, 0, "support")
 
-
     def test_anil_and_relation_support_mode_ignores_the_other_queries(self):
         keras.utils.set_random_seed(0)
         net = lambda: zoo.conv4((12, 12, 1), 3, filters=8, blocks=2)
