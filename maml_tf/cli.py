@@ -1,16 +1,21 @@
-"""What the entry points do with an error that bad input or the environment causes: one
-paragraph naming the problem and the fix, no traceback (``--verbosity=1`` shows it), and
-a run stopped by a signal exits with 128 + its number."""
+"""What the entry points share: an error that bad input or the environment causes becomes
+one paragraph naming the problem and the fix, no traceback (``--verbosity=1`` shows it); a
+run stopped by a signal exits with 128 + its number; ``--help`` lists the flags by section;
+a group of runs (``--seeds``, ``maml_tf.sweep``) runs through ``maml_tf.grid``."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Sequence
 
 from absl import flags as absl_flags
 
-from maml_tf.config import ConfigError
+# Defines the absl flags: this module is imported by the entry points only.
+from maml_tf import flags as maml_flags
+from maml_tf import grid
+from maml_tf.config import Config, ConfigError
 from maml_tf.data.errors import DataError
 from maml_tf.models.functional import InexactModelError
 from maml_tf.harness import NonFiniteError, RunInterrupted
@@ -41,7 +46,6 @@ def argv(values: absl_flags.FlagValues, only: Sequence[str] | None = None) -> li
     names them); an unreadable or circular flagfile exits with one line. ``--help`` (``-h``)
     prints the flags of ``values`` (the entry point's ``FLAGS``) by the config's sections and
     exits; only: the flags this entry point takes (None: all)."""
-    from maml_tf import flags as maml_flags  # defines the flags: only for the entry points
     if any(a in ("--help", "-h", "-?", "--helpshort") for a in sys.argv[1:]):
         main = sys.modules.get("__main__")
         print(maml_flags.sectioned_help(values, getattr(main, "__doc__", "") or "", only))
@@ -50,3 +54,37 @@ def argv(values: absl_flags.FlagValues, only: Sequence[str] | None = None) -> li
         return maml_flags.expand_flagfiles(sys.argv)
     except ConfigError as e:
         raise SystemExit(f"Configuration error: {e}") from None
+
+
+def run_group(values: absl_flags.FlagValues, config: Config, root: str,
+              axes: list[tuple[str, list[str]]], seeds: Sequence[str] | None,
+              jobs: int) -> None:
+    """Runs a grid (``axes``) times ``seeds`` of the command's flags (``values``, whose
+    base ``config`` is valid) as child processes below ``root``, then exits with the group's
+    code and one paragraph (``grid.summary``). Each grid point is checked before any run
+    starts: an invalid one is reported as failed and the others run."""
+    seed_list = grid.parse_seeds(seeds, config.seed) if seeds else None
+    if jobs > (os.cpu_count() or 1):
+        raise ConfigError(f"--jobs={jobs} exceeds the {os.cpu_count()} CPUs of this machine: "
+                          "runs at once would share cores and each would run slower.")
+    runs = grid.plan(axes, seed_list)
+
+    def check(run: grid.PlannedRun) -> None:
+        changed = {}
+        for flag in run.flags:
+            name, _, value = flag[2:].partition("=")
+            try:
+                changed[name] = values[name].parser.parse(value)
+            except ValueError as e:
+                raise ConfigError(f"--{name}={value}: {e}") from None
+        config.replace(**changed)
+
+    # The grid's flags and (with --seeds) the seed are each run's own.
+    exclude = tuple(k for k, _ in axes) + (("seed",) if seed_list else ())
+    base = maml_flags.passed_flags(values, exclude=exclude)
+    record = {"command": list(sys.argv), "grid": dict(axes), "seeds": seed_list}
+    info = grid.run_all(base, runs, root, jobs=max(1, jobs), record=record, check=check,
+                        say=lambda line: print(line, flush=True))
+    code, text = grid.summary(info, root)
+    print(text, file=sys.stderr if code else sys.stdout)
+    raise SystemExit(code)

@@ -159,6 +159,18 @@ flags.DEFINE_integer("step_metrics_every", _D.step_metrics_every,
 flags.DEFINE_integer("eval_every", _D.eval_every, "Iterations between validation evaluations.")
 flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Iterations between checkpoints.")
 
+# -- groups of runs ------------------------------------------------------------------------
+flags.DEFINE_list("seeds", [], "Run the experiment once per seed, each in WORKDIR/seed-K/ "
+                  "(resumable as any run), one after the other: a count (--seeds=3: seeds "
+                  "--seed, --seed+1, --seed+2) or the seeds themselves (--seeds=0,1,2). "
+                  "python -m maml_tf.report WORKDIR shows them as one row: the mean over "
+                  "seeds with its 95% CI.")
+flags.DEFINE_multi_string("grid", [], "maml_tf.sweep: one axis of the grid, a flag and its "
+                          "values: --grid=algorithm=maml,protonet. Repeat for more axes; the "
+                          "runs are their product, each in WORKDIR/key=value,.../.")
+flags.DEFINE_integer("jobs", 1, "maml_tf.sweep: runs at once (each a process of its own; at "
+                     "most the machine's CPU count).")
+
 
 def config_from_flags(values: flags.FlagValues) -> C.Config:
     """Copies the flags named like ``Config`` fields into a validated ``Config``."""
@@ -194,8 +206,15 @@ def expand_flagfiles(argv: list[str], _including: str | None = None,
     return out
 
 
-# Flags of the command, not of the run's Config.
-COMMAND_FLAGS = ("workdir", "overwrite")
+# Flags of the commands, not of the run's Config.
+COMMAND_FLAGS = ("workdir", "overwrite", "seeds", "grid", "jobs")
+
+
+def passed_flags(values: flags.FlagValues, exclude: Sequence[str] = ()) -> list[str]:
+    """The run flags given on the command line (flagfiles expanded), as ``--name=value``
+    arguments that give a child process the same values; ``exclude``: names left out."""
+    names = list(C.OWNER) + ["overwrite"]
+    return [values[n].serialize() for n in names if values[n].present and n not in exclude]
 
 
 def sectioned_help(values: flags.FlagValues, doc: str = "",

@@ -32,6 +32,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorboard.plugins.hparams import api as hp
 
 from maml_tf import checkpointing, distribute, provenance
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
@@ -167,6 +168,7 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
     start = int(r.step.numpy())
     logging.info("%s at iteration %d of %d in %s", "Resuming" if restored else "Starting",
                  start, config.num_iterations, workdir)
+    write_hparams(config, workdir)
     history = load_history(workdir, start)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
     schedule = Schedule(config)
@@ -198,6 +200,22 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
         raise RunInterrupted(stop.requested, config.num_iterations)
     # -- 5. Final evaluation --------------------------------------------------------------
     return final_evaluation(r, train_seconds, start)
+
+
+def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
+    """The run's flags that apply to it (those of its config.json) as HParams values."""
+    return {key: ",".join(str(v) for v in value) if isinstance(value, list) else value
+            for section in config.to_dict().values() for key, value in section.items()}
+
+
+def write_hparams(config: Config, workdir: str) -> None:
+    """TensorBoard's HParams dashboard: the run is a session whose hyperparameters are its
+    flags, written at the workdir's root, so that ``tensorboard --logdir`` on a directory of
+    runs (a sweep, a seed group) lists them all in one table; its metrics are the scalars the
+    run writes below it: validation under ``train/``, the final test under ``eval/``, after
+    each inner step. Written at the start of every training session (the same values)."""
+    with tf.summary.create_file_writer(workdir).as_default():
+        hp.hparams(hparams_of(config), trial_id=os.path.basename(os.path.normpath(workdir)))
 
 
 def _validate(r: Run, step: int, history: list) -> None:

@@ -5,12 +5,16 @@ holds: ``config.json`` (the run's settings), ``results.json`` (the final evaluat
 ``maml_tf.train``), every ``results-*.json`` that ``maml_tf.evaluate`` wrote (other
 evaluation modes, query counts, ...) and ``sessions.json`` (training wall time over all
 sessions). One row per workdir and test shot count; one column per evaluation protocol found.
+Runs that differ only by their seed (``--seeds``, ``maml_tf.sweep``) are one row: the mean
+over seeds ± the 95% CI over seeds (Student's t, ``maml_tf.seeds``), the seed count, and the
+mean of the seeds' own test-task CIs beside it; ``--per_seed`` adds each seed's own row.
 
     python -m maml_tf.report ~/maml_runs/omniglot_5w1s ~/maml_runs/omniglot_5w1s_protonet
     python -m maml_tf.report --all_steps ~/maml_runs    # every run in it; every step / shot
+    python -m maml_tf.report --per_seed ~/maml_runs/family   # a sweep: a row per grid point
 
-The paper numbers are the published ones for the same cell (``PAPER``), printed only beside a
-run of the same dataset, way, shot and algorithm.
+The paper numbers are the published ones for the same cell (``papers.PAPER``), printed only
+beside a run of the same dataset, way, shot and algorithm.
 """
 
 from __future__ import annotations
@@ -22,47 +26,8 @@ import os
 import sys
 
 from maml_tf.config import flatten_config
-
-# (dataset, way, shot, algorithm) -> the published number and its source. Way is None for
-# regression and RL, shot None for RL.
-PAPER: dict[tuple, str] = {
-    ("omniglot", 5, 1, "maml"): "98.7 ± 0.4 % (Finn et al. 2017)",
-    ("omniglot", 5, 5, "maml"): "99.9 ± 0.1 % (Finn et al. 2017)",
-    ("omniglot", 20, 1, "maml"): "95.8 ± 0.3 % (Finn et al. 2017)",
-    ("omniglot", 20, 5, "maml"): "98.9 ± 0.2 % (Finn et al. 2017)",
-    ("omniglot", 5, 1, "fomaml"): "98.3 ± 0.5 % (Finn et al. 2017)",
-    ("omniglot", 5, 5, "fomaml"): "99.2 ± 0.2 % (Finn et al. 2017)",
-    ("omniglot", 20, 1, "fomaml"): "89.4 ± 0.5 % (Finn et al. 2017)",
-    ("omniglot", 20, 5, "fomaml"): "97.9 ± 0.1 % (Finn et al. 2017)",
-    ("mini_imagenet", 5, 1, "maml"): "48.70 ± 1.84 % (Finn et al. 2017)",
-    ("mini_imagenet", 5, 5, "maml"): "63.11 ± 0.92 % (Finn et al. 2017)",
-    ("mini_imagenet", 5, 1, "fomaml"): "48.07 ± 1.75 % (Finn et al. 2017)",
-    ("mini_imagenet", 5, 5, "fomaml"): "63.15 ± 0.91 % (Finn et al. 2017)",
-    ("omniglot", 5, 1, "reptile"): "97.68 ± 0.04 % (Nichol et al. 2018, transductive)",
-    ("omniglot", 5, 1, "metasgd"): "99.53 ± 0.26 % (Li et al. 2017)",
-    ("omniglot", 5, 1, "mamlpp"): "99.47 ± 0.05 % (Antoniou et al. 2019)",
-    ("omniglot", 5, 1, "imaml"): "99.16 ± 0.35 % (Rajeswaran et al. 2019)",
-    ("omniglot", 5, 1, "protonet"): "98.8 % (Snell et al. 2017, 60-way training)",
-    ("omniglot", 5, 1, "matching"): "98.1 % (Vinyals et al. 2016)",
-    ("omniglot", 5, 1, "relation"): "99.6 ± 0.2 % (Sung et al. 2018)",
-    ("omniglot", 5, 1, "snail"): "99.07 ± 0.16 % (Mishra et al. 2018)",
-    ("omniglot", 5, 5, "snail"): "99.78 ± 0.09 % (Mishra et al. 2018)",
-    ("omniglot", 20, 1, "snail"): "97.64 ± 0.30 % (Mishra et al. 2018)",
-    ("omniglot", 20, 5, "snail"): "99.36 ± 0.18 % (Mishra et al. 2018)",
-    ("omniglot", 5, 1, "cnp"): "95.3 % (Garnelo et al. 2018)",
-    ("sinusoid", None, 5, "maml"): "0.35 after 10 steps (Finn et al. 2017)",
-    ("sinusoid", None, 5, "pretrain"): "2.19 after 10 steps (Finn et al. 2017)",
-    ("navigation_2d", None, None, "maml"): "-3.23 after 3 steps (Finn et al. 2017)",
-    ("navigation_2d", None, None, "random"): "-46.8 after 3 steps (Finn et al. 2017)",
-    ("navigation_2d", None, None, "oracle"): "-2.29 (Finn et al. 2017)",
-    ("halfcheetah_vel", None, None, "maml"): "-60.8 after 3 steps (maml_rl)",
-    ("halfcheetah_dir", None, None, "maml"): "315.7 after 3 steps (maml_rl)",
-}
-
-_DATASET_NAMES = {"omniglot": "Omniglot", "mini_imagenet": "mini-ImageNet",
-                  "sinusoid": "sinusoid", "navigation_2d": "2D navigation",
-                  "halfcheetah_vel": "HalfCheetah velocity",
-                  "halfcheetah_dir": "HalfCheetah direction"}
+from maml_tf.papers import DATASET_NAMES, PAPER
+from maml_tf.seeds import group_key, seed_interval
 
 
 class ReportError(ValueError):
@@ -194,7 +159,7 @@ def _name(config: dict, iterations: int) -> str:
 
 def _cell(config: dict, shot_key: str) -> str:
     dataset = str(config.get("dataset", "?"))
-    dataset = _DATASET_NAMES.get(dataset, dataset)
+    dataset = DATASET_NAMES.get(dataset, dataset)
     if not shot_key:
         return dataset
     shot = shot_key.replace("shot", "")
@@ -218,13 +183,18 @@ def _paper(config: dict, shot_key: str, iterations: int) -> str:
     return PAPER.get(key, "—")
 
 
+def _format(metric: str):
+    """(format a value, unit) of ``metric`` as the tables show it."""
+    scale, unit, digits = {"accuracy": (100.0, " %", 2), "mse": (1.0, "", 3),
+                           "return": (1.0, "", 2)}[metric]
+    return (lambda v: f"{v * scale:.{digits}f}"), unit
+
+
 def _value(evaluation: Evaluation, shot_key: str, all_steps: bool) -> str:
     if shot_key not in evaluation.by_shot:
         return "—"
     mean, ci = evaluation.by_shot[shot_key]
-    scale, unit, digits = {"accuracy": (100.0, " %", 2), "mse": (1.0, "", 3),
-                           "return": (1.0, "", 2)}[evaluation.metric]
-    fmt = lambda v: f"{v * scale:.{digits}f}"
+    fmt, unit = _format(evaluation.metric)
     last = f"{fmt(mean[-1])} ± {fmt(ci[-1])}{unit}"
     # A policy's return is reported after every step, as the papers' RL tables do.
     if (all_steps or evaluation.metric == "return") and len(mean) > 1:
@@ -255,8 +225,32 @@ def _steps(config: dict, evaluation: Evaluation) -> str:
     return str(p.get("inner_steps", "?"))
 
 
-def table(runs: list[RunRecord], all_steps: bool = False) -> str:
-    """The markdown table of ``runs``: one row per run and test shot count."""
+def _seeds_value(evaluations: list[Evaluation], shot_key: str, all_steps: bool) -> str:
+    """Mean over seeds ± the 95% CI over seeds, the seed count, and the mean of the seeds'
+    own test-task CIs, of the last value of each seed's evaluation."""
+    if any(shot_key not in e.by_shot for e in evaluations):
+        return "—"
+    runs = [e.by_shot[shot_key] for e in evaluations]
+    fmt, unit = _format(evaluations[0].metric)
+    mean, half = seed_interval([m[-1] for m, _ in runs])
+    tasks = sum(c[-1] for _, c in runs) / len(runs)
+    text = f"{fmt(mean)} ± {fmt(half)}{unit} ({len(runs)} seeds; tasks ± {fmt(tasks)})"
+    steps = min(len(m) for m, _ in runs)
+    if (all_steps or evaluations[0].metric == "return") and steps > 1:
+        means = [sum(m[k] for m, _ in runs) / len(runs) for k in range(steps - 1)]
+        return " / ".join(fmt(v) for v in means) + " / " + text
+    return text
+
+
+def _by_column(run: RunRecord) -> dict[str, Evaluation]:
+    by_column = {e.column: e for e in run.others}
+    by_column[run.main.column] = run.main   # the run's own results.json wins a tie
+    return by_column
+
+
+def table(runs: list[RunRecord], all_steps: bool = False, per_seed: bool = False) -> str:
+    """The markdown table of ``runs``: one row per run and test shot count, and one per group
+    of runs that differ only by seed (``per_seed``: then each seed's row too)."""
     found: dict[str, tuple] = {}
     for run in runs:
         for e in [run.main] + run.others:
@@ -266,19 +260,50 @@ def table(runs: list[RunRecord], all_steps: bool = False) -> str:
               ["test steps", "test tasks", "iterations × meta-batch", "hardware",
                "train wall time"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
-        by_column = {e.column: e for e in run.others}
-        by_column[run.main.column] = run.main   # the run's own results.json wins a tie
-        for shot_key in run.main.by_shot:
-            values = [_value(by_column[c], shot_key, all_steps) if c in by_column else "—"
-                      for c in columns]
-            row = ([_cell(run.config, shot_key), _name(run.config, run.iterations),
-                    _paper(run.config, shot_key, run.iterations)] + values +
-                   [_steps(run.config, run.main), str(run.main.protocol.get("num_tasks", "?")),
-                    f"{run.iterations:,} × {run.config.get('meta_batch_size', '?')}",
-                    _hardware(run.environment), _duration(run.train_seconds, run.sessions)])
-            lines.append("| " + " | ".join(row) + " |")
+        groups.setdefault((group_key(run.config), run.iterations), []).append(run)
+    for members in groups.values():
+        if len(members) > 1:
+            lines += _seed_rows(members, columns, all_steps)
+        if len(members) == 1 or per_seed:
+            for run in members:
+                label = f"seed {run.config.get('seed')}" if len(members) > 1 else None
+                lines += _run_rows(run, columns, all_steps, label)
     return "\n".join(lines)
+
+
+def _row(run: RunRecord, shot_key: str, name: str, values: list[str], seconds: float | None,
+         sessions: int) -> str:
+    row = ([_cell(run.config, shot_key), name, _paper(run.config, shot_key, run.iterations)] +
+           values + [_steps(run.config, run.main), str(run.main.protocol.get("num_tasks", "?")),
+                     f"{run.iterations:,} × {run.config.get('meta_batch_size', '?')}",
+                     _hardware(run.environment), _duration(seconds, sessions)])
+    return "| " + " | ".join(row) + " |"
+
+
+def _run_rows(run: RunRecord, columns: list[str], all_steps: bool,
+              label: str | None = None) -> list[str]:
+    by_column = _by_column(run)
+    name = _name(run.config, run.iterations) + (f", {label}" if label else "")
+    return [_row(run, shot_key, name,
+                 [_value(by_column[c], shot_key, all_steps) if c in by_column else "—"
+                  for c in columns], run.train_seconds, run.sessions)
+            for shot_key in run.main.by_shot]
+
+
+def _seed_rows(members: list[RunRecord], columns: list[str], all_steps: bool) -> list[str]:
+    first = members[0]
+    columns_of = [_by_column(run) for run in members]
+    known = [run.train_seconds for run in members]
+    seconds = None if any(s is None for s in known) else sum(s or 0.0 for s in known)
+    sessions = sum(run.sessions for run in members)
+    name = f"{_name(first.config, first.iterations)}, {len(members)} seeds"
+    return [_row(first, shot_key, name,
+                 [_seeds_value([b[c] for b in columns_of], shot_key, all_steps)
+                  if all(c in b for b in columns_of) else "—" for c in columns],
+                 seconds, sessions)
+            for shot_key in first.main.by_shot]
 
 
 FOOTNOTE = ("Mean ± 95% CI (1.96 · std / √tasks) over fixed test tasks, after the last test "
@@ -287,20 +312,36 @@ FOOTNOTE = ("Mean ± 95% CI (1.96 · std / √tasks) over fixed test tasks, afte
             "predicts a task's queries together (the papers' protocol), `support` normalises "
             "each query with its task's support statistics, `per_example` predicts each query "
             "alone. Wall time is training (compilation and validation included) summed over "
-            "the run's sessions.")
+            "the run's sessions. A row of n seeds: the mean over the seeds' results ± the 95% "
+            "CI over seeds (t_{0.975, n-1} · s / √n, s with ddof = 1), then the mean of the "
+            "seeds' own test-task CIs; its wall time is the seeds' sum.")
+
+
+def _runs_inside(path: str, depth: int = 3) -> list[str]:
+    """The workdirs under ``path``, down to ``depth`` folders (a sweep's grid point holds its
+    seeds' workdirs); folders a run moved aside (``replaced-*``) are not runs of it."""
+    found = []
+    for name in sorted(os.listdir(path)):
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub) or name.startswith("replaced-"):
+            continue
+        if os.path.exists(os.path.join(sub, "config.json")):
+            found.append(sub)
+        elif depth > 1:
+            found += _runs_inside(sub, depth - 1)
+    return found
 
 
 def workdirs(paths: list[str]) -> tuple[list[tuple[str, bool]], list[str]]:
     """([(run workdir, named explicitly)], notes on skipped paths). A directory without
-    config.json stands for the runs directly inside it; files (a shell glob's logs) are
-    skipped with a note."""
+    config.json stands for the runs inside it (a sweep's, a seed group's); files (a shell
+    glob's logs) are skipped with a note."""
     found, notes = [], []
     for path in paths:
         if os.path.exists(os.path.join(path, "config.json")):
             found.append((path, True))
         elif os.path.isdir(path):
-            inside = sorted(os.path.join(path, d) for d in os.listdir(path)
-                            if os.path.exists(os.path.join(path, d, "config.json")))
+            inside = _runs_inside(path)
             if not inside:
                 raise ReportError(f"{path} holds no config.json and no run directories: pass "
                                   "the workdir of a run started with python -m maml_tf.train, "
@@ -332,10 +373,11 @@ def read_runs(paths: list[str]) -> list[RunRecord]:
 def main(argv: list[str]) -> int:
     args = [a for a in argv[1:] if not a.startswith("--")]
     flags = [a for a in argv[1:] if a.startswith("--")]
-    unknown = [f for f in flags if f not in ("--all_steps", "--help")]
+    unknown = [f for f in flags if f not in ("--all_steps", "--per_seed", "--help")]
     if "--help" in flags or not args or unknown:
-        print(__doc__ if not unknown else f"Unknown flag {unknown[0]}: the only flag is "
-              "--all_steps. Usage: python -m maml_tf.report [--all_steps] WORKDIR...",
+        print(__doc__ if not unknown else f"Unknown flag {unknown[0]}: the flags are "
+              "--all_steps and --per_seed. Usage: python -m maml_tf.report [--all_steps] "
+              "[--per_seed] WORKDIR...",
               file=sys.stderr if unknown or not args else sys.stdout)
         return 0 if "--help" in flags and not unknown else 2
     try:
@@ -343,7 +385,7 @@ def main(argv: list[str]) -> int:
     except ReportError as e:
         print(f"Report error: {e}", file=sys.stderr)
         return 1
-    print(table(runs, all_steps="--all_steps" in flags))
+    print(table(runs, all_steps="--all_steps" in flags, per_seed="--per_seed" in flags))
     print()
     print(FOOTNOTE)
     return 0

@@ -3,7 +3,8 @@
     python -m maml_tf.train --flagfile=runs/sinusoid.cfg --workdir=$HOME/maml_runs/sinusoid
 
 Turns flags into a ``Config`` and calls ``api.train``. Re-running the same command
-resumes from the workdir's latest checkpoint.
+resumes from the workdir's latest checkpoint. ``--seeds=3`` (or ``--seeds=0,1,2``) runs the
+experiment once per seed in ``WORKDIR/seed-K/``, one after the other (``maml_tf.grid``).
 """
 
 from absl import app, flags
@@ -23,6 +24,11 @@ def main(argv):
         raise app.UsageError("--workdir is required: the directory that holds this run.")
     with cli.user_errors(verbose=FLAGS.verbosity >= 1):
         config = maml_flags.config_from_flags(FLAGS)
+        if FLAGS.grid or FLAGS["jobs"].present:
+            raise cli.ConfigError("--grid and --jobs are flags of python -m maml_tf.sweep, "
+                                  "which runs a grid of experiments; this command runs one.")
+        if FLAGS.seeds:
+            cli.run_group(FLAGS, config, FLAGS.workdir, axes=[], seeds=FLAGS.seeds, jobs=1)
         api.train(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
 
 

@@ -1,0 +1,245 @@
+"""Runs you can compare: the CI over seeds, grids, sweeps that resume, report rows over
+seeds, and the HParams summaries TensorBoard reads."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from maml_tf import grid, report, seeds
+from maml_tf.config import Config, ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- statistics over seeds -------------------------------------------------------------------
+@pytest.mark.parametrize("df, published", [(1, 12.7062047361747), (2, 4.30265272974946),
+                                           (4, 2.77644510519779), (10, 2.22813885198627),
+                                           (30, 2.04227245630124)])
+def test_t_quantile_matches_the_published_table(df, published):
+    assert seeds.t_quantile(0.975, df) == pytest.approx(published, rel=1e-9)
+    assert seeds.t_quantile(0.025, df) == pytest.approx(-published, rel=1e-9)
+
+
+def test_the_ci_over_seeds_is_t_times_s_over_root_n():
+    values = [0.9533, 0.9587, 0.9601]
+    mean = sum(values) / 3
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)   # ddof = 1, by hand
+    got_mean, half = seeds.seed_interval(values)
+    assert got_mean == pytest.approx(mean, abs=1e-15)
+    assert half == pytest.approx(4.30265272974946 * s / math.sqrt(3), rel=1e-9)
+    assert math.isnan(seeds.seed_interval([0.5])[1])
+
+
+def test_runs_that_differ_only_by_seed_and_logging_are_one_experiment():
+    a = Config(dataset="omniglot", seed=0).to_flat_dict()
+    b = Config(dataset="omniglot", seed=1, log_every=7, jit_compile=False).to_flat_dict()
+    c = Config(dataset="omniglot", seed=1, inner_lr=0.1).to_flat_dict()
+    assert seeds.group_key(a) == seeds.group_key(b) != seeds.group_key(c)
+
+
+# -- grids ---------------------------------------------------------------------------------------
+def test_a_grid_is_the_product_of_its_axes_times_the_seeds():
+    axes = grid.parse_grid(["algorithm=maml,protonet", "--inner_lr=0.1, 0.4"])
+    assert axes == [("algorithm", ["maml", "protonet"]), ("inner_lr", ["0.1", "0.4"])]
+    runs = grid.plan(axes, [0, 1])
+    assert len(runs) == 8
+    assert runs[0] == grid.PlannedRun("algorithm=maml,inner_lr=0.1/seed-0",
+                                      ("--algorithm=maml", "--inner_lr=0.1", "--seed=0"))
+    assert runs[-1].name == "algorithm=protonet,inner_lr=0.4/seed-1"
+    assert [r.name for r in grid.plan([], [3, 4])] == ["seed-3", "seed-4"]
+    assert [r.flags for r in grid.plan(axes[:1], None)] == [("--algorithm=maml",),
+                                                             ("--algorithm=protonet",)]
+    assert grid.parse_seeds(["3"], first=2) == [2, 3, 4]
+    assert grid.parse_seeds(["0", "5"]) == [0, 5]
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["algorithm"], "is not key=value1,value2"),
+    (["inner_rl=0.1"], "'inner_rl' is not a flag of a run"),
+    (["seed=1,2"], "seeds are --seeds=N"),
+    (["eval_shots=1,5"], "a list-valued flag cannot be a grid axis"),
+    (["way=5", "way=20"], "names 'way' twice"),
+])
+def test_bad_grids_are_one_sentence(specs, message):
+    with pytest.raises(ConfigError, match=message):
+        grid.parse_grid(specs)
+
+
+# A stand-in for `python -m maml_tf.train`: writes what a finished run leaves, fails for
+# --inner_lr=0.5, and for --algorithm=slow trains until SIGTERM (then "checkpoints").
+FAKE_TRAIN = r"""
+import json, os, signal, sys, time
+args = dict(a[2:].partition("=")[::2] for a in sys.argv[1:])
+wd = args["workdir"]
+os.makedirs(wd, exist_ok=True)
+with open(os.path.join(wd, "calls"), "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\n")
+if args.get("inner_lr") == "0.5":
+    print("Stopped: Non-finite meta-loss at iteration 1.")
+    sys.exit(1)
+json.dump({"optim": {"num_iterations": 3}}, open(os.path.join(wd, "config.json"), "w"))
+if args.get("algorithm") == "slow" and not os.path.exists(os.path.join(wd, "ckpt")):
+    def stop(*_):
+        open(os.path.join(wd, "ckpt"), "w").close()
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
+    open(os.path.join(wd, "training"), "w").close()
+    time.sleep(120)
+json.dump({"protocol": {"checkpoint_step": 3}}, open(os.path.join(wd, "results.json"), "w"))
+"""
+
+
+def _fake(tmp_path):
+    path = tmp_path / "fake_train.py"
+    path.write_text(FAKE_TRAIN)
+    return [sys.executable, str(path)]
+
+
+def test_a_group_skips_finished_runs_and_reports_a_failed_one_while_the_others_go_on(tmp_path):
+    root = str(tmp_path / "sweep")
+    runs = grid.plan(grid.parse_grid(["inner_lr=0.1,0.5,0.2"]), [0])
+    lines = []
+    info = grid.run_all(["--dataset=sinusoid"], runs, root, command=_fake(tmp_path),
+                        say=lines.append)
+    states = {n: s["state"] for n, s in info["runs"].items()}
+    assert states == {"inner_lr=0.1/seed-0": "finished", "inner_lr=0.5/seed-0": "failed",
+                      "inner_lr=0.2/seed-0": "finished"}
+    assert "Non-finite meta-loss" in info["runs"]["inner_lr=0.5/seed-0"]["last_line"]
+    code, text = grid.summary(info, root)
+    assert code == 1 and "inner_lr=0.5/seed-0: Stopped: Non-finite meta-loss" in text
+    assert json.load(open(os.path.join(root, "runs.json")))["runs"] == info["runs"]
+    calls = open(os.path.join(root, "inner_lr=0.1/seed-0", "calls")).read()
+    assert calls.split() == ["--dataset=sinusoid", "--inner_lr=0.1", "--seed=0",
+                             f"--workdir={root}/inner_lr=0.1/seed-0"]
+    # Again: the finished runs are skipped, the failed one is tried again.
+    info = grid.run_all(["--dataset=sinusoid"], runs, root, command=_fake(tmp_path),
+                        say=lines.append)
+    assert info["runs"]["inner_lr=0.1/seed-0"]["state"] == "skipped: finished before"
+    assert len(open(os.path.join(root, "inner_lr=0.1/seed-0", "calls")).readlines()) == 1
+    assert len(open(os.path.join(root, "inner_lr=0.5/seed-0", "calls")).readlines()) == 2
+    # A grid point that the check refuses never starts; the others run.
+    def refuse(run):
+        if "--inner_lr=-1" in run.flags:
+            raise ConfigError("--inner_lr=-1 is invalid")
+    info = grid.run_all([], grid.plan([("inner_lr", ["-1", "0.3"])], None), root,
+                        command=_fake(tmp_path), say=lines.append, check=refuse)
+    assert info["runs"]["inner_lr=-1"] == {"state": "failed", "error": "--inner_lr=-1 is invalid"}
+    assert info["runs"]["inner_lr=0.3"]["state"] == "finished"
+
+
+def test_a_stopped_sweep_resumes_without_redoing_its_finished_runs(tmp_path):
+    root = str(tmp_path / "sweep")
+    script = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+              "from maml_tf import grid\n"
+              "runs = grid.plan([('algorithm', ['maml', 'slow', 'protonet'])], None)\n"
+              f"info = grid.run_all([], runs, {root!r}, command={_fake(tmp_path)!r})\n"
+              "sys.exit(grid.summary(info, '.')[0])\n")
+    sweep = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(root, "algorithm=slow", "training")):
+        assert time.time() < deadline and sweep.poll() is None
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=60) == 128 + signal.SIGTERM
+    record = json.load(open(os.path.join(root, "runs.json")))["runs"]
+    assert record["algorithm=maml"]["state"] == "finished"
+    assert record["algorithm=slow"]["state"] == "stopped"
+    assert record["algorithm=protonet"]["state"] == "not started"
+    assert os.path.exists(os.path.join(root, "algorithm=slow", "ckpt"))   # it checkpointed
+    finished_at = os.path.getmtime(os.path.join(root, "algorithm=maml", "results.json"))
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert os.path.getmtime(os.path.join(root, "algorithm=maml", "results.json")) == finished_at
+    assert len(open(os.path.join(root, "algorithm=maml", "calls")).readlines()) == 1
+    assert len(open(os.path.join(root, "algorithm=slow", "calls")).readlines()) == 2
+    assert os.path.exists(os.path.join(root, "algorithm=protonet", "results.json"))
+
+
+# -- the report over seeds -------------------------------------------------------------------
+def _seed_run(root, name, seed, accuracy, task_ci):
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir)
+    config = Config(dataset="omniglot", algorithm="maml", way=5, shot=1, seed=seed)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json())
+    results = {
+        "protocol": {"dataset": "omniglot", "algorithm": "maml", "way": 5, "shots": [1],
+                     "queries": 1, "eval_mode": "transductive", "inner_steps": 3,
+                     "num_tasks": 600, "checkpoint_step": 2000},
+        "test": {"1shot": {"accuracy": {"mean": [0.2, accuracy], "ci95": [0.01, task_ci]},
+                           "loss": {"mean": [1.6, 0.1], "ci95": [0.1, 0.01]}}},
+        "train_seconds_this_session": 100.0, "iterations_this_session": 2000,
+        "environment": {"cpu": "Some CPU", "cpu_count": 2, "accelerators": None},
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_the_report_gives_runs_that_differ_by_seed_one_row_over_seeds(tmp_path, capsys):
+    values = [0.95, 0.96, 0.98]
+    for seed, v in enumerate(values):
+        _seed_run(tmp_path / "maml", f"seed-{seed}", seed, v, 0.004 + 0.001 * seed)
+    assert report.main(["report", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| Omniglot")]
+    mean, half = seeds.seed_interval(values)
+    assert len(lines) == 1 and "maml, 3 seeds" in lines[0]
+    assert f"{100 * mean:.2f} ± {100 * half:.2f} % (3 seeds; tasks ± 0.50)" in lines[0]
+    assert "5 min 0 s (3 sessions)" in lines[0]   # the seeds' wall time, summed
+    assert report.main(["report", "--per_seed", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| Omniglot")]
+    assert len(lines) == 4 and "maml, seed 2" in lines[3] and "98.00 ± 0.60 %" in lines[3]
+
+
+# -- a real sweep: python -m maml_tf.sweep, its report and its HParams ------------------------
+def test_a_sweep_trains_each_point_and_seed_reports_them_and_writes_hparams(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata
+
+    root = tmp_path / "family"
+    command = [sys.executable, "-m", "maml_tf.sweep", "--dataset=sinusoid", "--num_iterations=2",
+               "--meta_batch_size=2", "--eval_tasks=4", "--val_tasks=2", "--log_every=1",
+               "--eval_every=2", "--checkpoint_every=2", "--nojit_compile",
+               "--step_metrics_every=1", "--grid=inner_lr=0.01,0.02", "--seeds=2",
+               f"--workdir={root}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    sweep = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    assert "4 of 4 runs finished" in sweep.stdout
+    runs = sorted(glob.glob(str(root / "inner_lr=*" / "seed-*" / "results.json")))
+    assert len(runs) == 4
+    config = json.load(open(root / "inner_lr=0.02" / "seed-1" / "config.json"))
+    assert config["learner"]["inner_lr"] == 0.02 and config["run"]["seed"] == 1
+    table = subprocess.run([sys.executable, "-m", "maml_tf.report", str(root)], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300).stdout
+    rows = [ln for ln in table.splitlines() if ln.startswith("| sinusoid")]
+    assert len(rows) == 2 and all("maml, 2 seeds" in r and "(2 seeds; tasks ±" in r
+                                  for r in rows), table
+    # TensorBoard's own reader finds each run's hparams (its flags) at the workdir's root.
+    workdir = root / "inner_lr=0.02" / "seed-1"
+    events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    info = metadata.parse_session_start_info_plugin_data(content)
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+               for k, v in info.hparams.items()}
+    assert hparams["inner_lr"] == pytest.approx(0.02) and hparams["seed"] == 1
+    assert hparams["dataset"] == "sinusoid" and "way" not in hparams
+    test = event_accumulator.EventAccumulator(str(workdir / "eval"), size_guidance={"tensors": 0})
+    test.Reload()
+    assert "test_1shot/loss/step_1" in test.Tags()["tensors"]
+    # The same command again: every run finished, none trains again.
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 4
