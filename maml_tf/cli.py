@@ -15,7 +15,7 @@ from absl import flags as absl_flags
 # Defines the absl flags: this module is imported by the entry points only.
 from maml_tf import flags as maml_flags
 from maml_tf import grid
-from maml_tf.config import Config, ConfigError
+from maml_tf.config import OWNER as C_OWNER, Config, ConfigError
 from maml_tf.data.errors import DataError
 from maml_tf.models.functional import InexactModelError
 from maml_tf.harness import NonFiniteError, RunInterrupted
@@ -69,19 +69,25 @@ def run_group(values: absl_flags.FlagValues, config: Config, root: str,
                           "runs at once would share cores and each would run slower.")
     runs = grid.plan(axes, seed_list)
 
+    # The grid's flags and (with --seeds) the seed are each run's own.
+    exclude = tuple(k for k, _ in axes) + (("seed",) if seed_list else ())
+    base = maml_flags.passed_flags(values, exclude=exclude)
+
     def check(run: grid.PlannedRun) -> None:
+        # The run's flags as its child reads them: its flagfile, the command's, its own.
+        args = maml_flags.expand_flagfiles([f"--flagfile={run.flagfile}"]) if run.flagfile else []
         changed = {}
-        for flag in run.flags:
-            name, _, value = flag[2:].partition("=")
+        for arg in args + base + list(run.flags):
+            name, sep, value = arg.lstrip("-").partition("=")
+            if not sep:   # a boolean: --name or --noname
+                name, value = (name, "true") if name in values else (name[2:], "false")
+            if name not in C_OWNER:
+                continue   # --overwrite and the like: not the run's config
             try:
                 changed[name] = values[name].parser.parse(value)
             except ValueError as e:
                 raise ConfigError(f"--{name}={value}: {e}") from None
-        config.replace(**changed)
-
-    # The grid's flags and (with --seeds) the seed are each run's own.
-    exclude = tuple(k for k, _ in axes) + (("seed",) if seed_list else ())
-    base = maml_flags.passed_flags(values, exclude=exclude)
+        Config.from_dict(changed)
     record = {"command": list(sys.argv), "grid": dict(axes), "seeds": seed_list}
     info = grid.run_all(base, runs, root, jobs=max(1, jobs), record=record, check=check,
                         say=lambda line: print(line, flush=True))

@@ -14,6 +14,7 @@ the grid, the seeds and each run's state, so a group of runs is one directory th
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import json
 import os
@@ -34,10 +35,15 @@ class PlannedRun:
     """One run of a grid: its workdir below the root and the flags it adds."""
     name: str                 # e.g. "algorithm=maml,inner_lr=0.1/seed-0"
     flags: tuple[str, ...]    # e.g. ("--algorithm=maml", "--inner_lr=0.1", "--seed=0")
+    flagfile: str | None = None   # a ``flagfile`` axis: read before the command's flags
 
 
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """``["algorithm=maml,protonet", "inner_lr=0.1,0.4"]`` -> ``[(key, values), ...]``."""
+    """``["algorithm=maml,protonet", "inner_lr=0.1,0.4"]`` -> ``[(key, values), ...]``.
+
+    The axis ``flagfile`` gives each grid point a flagfile of its own (values may be glob
+    patterns: ``--grid=flagfile=runs/family/*.cfg``), read before the command's other flags,
+    which therefore override it."""
     axes: list[tuple[str, list[str]]] = []
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -45,6 +51,14 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
         if not sep or not values.strip():
             raise ConfigError(f"--grid={spec!r} is not key=value1,value2,...: for example "
                               "--grid=algorithm=maml,protonet.")
+        if key == "flagfile":
+            paths = [p for v in values.split(",") for p in sorted(glob.glob(v.strip()))
+                     or [v.strip()]]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise ConfigError(f"--grid={spec!r}: no flagfile {missing[0]}.")
+            axes.append((key, [os.path.abspath(p) for p in paths]))
+            continue
         if key not in OWNER:
             raise ConfigError(f"--grid={spec!r}: {key!r} is not a flag of a run.")
         if key in ("seed", "eval_shots"):
@@ -79,12 +93,17 @@ def plan(axes: list[tuple[str, list[str]]], seeds: Sequence[int] | None) -> list
     point once, at the command's own seed)."""
     runs = []
     for values in itertools.product(*[v for _, v in axes]):
-        point = ",".join(f"{k}={v}" for (k, _), v in zip(axes, values))
-        flags = tuple(f"--{k}={v}" for (k, _), v in zip(axes, values))
+        chosen = list(zip([k for k, _ in axes], values))
+        # A flagfile is named by its file name without .cfg.
+        point = ",".join(f"{k}={os.path.splitext(os.path.basename(v))[0] if k == 'flagfile' else v}"
+                         for k, v in chosen)
+        flags = tuple(f"--{k}={v}" for k, v in chosen if k != "flagfile")
+        flagfile = next((v for k, v in chosen if k == "flagfile"), None)
         for seed in (seeds if seeds is not None else [None]):
             parts = [p for p in (point, None if seed is None else f"seed-{seed}") if p]
             runs.append(PlannedRun("/".join(parts) or ".",
-                                   flags + (() if seed is None else (f"--seed={seed}",))))
+                                   flags + (() if seed is None else (f"--seed={seed}",)),
+                                   flagfile))
     return runs
 
 
@@ -122,8 +141,8 @@ def run_all(base: Sequence[str], runs: list[PlannedRun], root: str, jobs: int = 
             record: dict | None = None, say: Callable[[str], None] = print,
             command: Sequence[str] | None = None,
             check: Callable[[PlannedRun], None] | None = None) -> dict:
-    """Runs ``runs`` below ``root`` as ``python -m maml_tf.train *base *run.flags
-    --workdir=<root>/<run.name>`` (``command`` replaces ``python -m maml_tf.train``), at
+    """Runs ``runs`` below ``root`` as ``python -m maml_tf.train [--flagfile=run.flagfile]
+    *base *run.flags --workdir=<root>/<run.name>`` (``command`` replaces ``python -m maml_tf.train``), at
     most ``jobs`` at once; returns (and keeps in ``<root>/runs.json``) the record with each
     run's state: finished, skipped (finished before), failed (its exit code and the last
     line it printed, or the ``ConfigError`` that ``check`` raised before starting it) or
@@ -156,8 +175,9 @@ def run_all(base: Sequence[str], runs: list[PlannedRun], root: str, jobs: int = 
                 run = pending.pop(0)
                 log = os.path.join(root, "logs", run.name.replace("/", "__") + ".log")
                 workdir = os.path.join(root, run.name)
+                first = [f"--flagfile={run.flagfile}"] if run.flagfile else []
                 with open(log, "ab") as out:
-                    child = subprocess.Popen(command + list(base) + list(run.flags) +
+                    child = subprocess.Popen(command + first + list(base) + list(run.flags) +
                                              [f"--workdir={workdir}"], stdout=out,
                                              stderr=subprocess.STDOUT, start_new_session=True)
                 active[run.name] = (child, time.time(), log)

@@ -171,3 +171,12 @@ def test_help_lists_the_flags_by_section():
                               env=env, capture_output=True, text=True).stdout
     assert "--eval_tasks" in evaluate and "--workdir" in evaluate
     assert "  --inner_lr:" not in evaluate and "  --meta_batch_size:" not in evaluate
+
+
+def test_the_family_flagfiles_are_every_omniglot_5w1s_algorithm_at_2000_iterations(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    paths = sorted(glob.glob(os.path.join("runs", "family", "*.cfg")))
+    configs = [parse([f"--flagfile={p}"])[0] for p in paths]
+    assert [os.path.basename(p)[:-4] for p in paths] == sorted(c.algorithm for c in configs)
+    assert len(configs) == 17 and all(c.num_iterations == 2000 and c.dataset == "omniglot"
+                                      and (c.way, c.test_shots) == (5, (1,)) for c in configs)

@@ -127,6 +127,7 @@ def test_a_group_skips_finished_runs_and_reports_a_failed_one_while_the_others_g
     assert len(open(os.path.join(root, "inner_lr=0.1/seed-0", "calls")).readlines()) == 1
     assert len(open(os.path.join(root, "inner_lr=0.5/seed-0", "calls")).readlines()) == 2
     # A grid point that the check refuses never starts; the others run.
+
     def refuse(run):
         if "--inner_lr=-1" in run.flags:
             raise ConfigError("--inner_lr=-1 is invalid")
@@ -243,3 +244,18 @@ def test_a_sweep_trains_each_point_and_seed_reports_them_and_writes_hparams(tmp_
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 4
+
+
+def test_a_flagfile_axis_gives_each_point_its_flagfile_before_the_commands_flags(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"omniglot_{name}.cfg").write_text(f"--dataset=sinusoid\n--inner_lr=0.{len(name)}\n")
+    axes = grid.parse_grid([f"flagfile={tmp_path}/omniglot_*.cfg"])
+    runs = grid.plan(axes, [0])
+    assert [r.name for r in runs] == ["flagfile=omniglot_a/seed-0", "flagfile=omniglot_b/seed-0"]
+    assert runs[0].flagfile == str(tmp_path / "omniglot_a.cfg") and runs[0].flags == ("--seed=0",)
+    root = str(tmp_path / "sweep")
+    grid.run_all(["--num_iterations=3"], runs, root, command=_fake(tmp_path), say=lambda s: None)
+    call = open(os.path.join(root, "flagfile=omniglot_b/seed-0", "calls")).read().split()
+    assert call[:3] == [f"--flagfile={tmp_path}/omniglot_b.cfg", "--num_iterations=3", "--seed=0"]
+    with pytest.raises(ConfigError, match="no flagfile"):
+        grid.parse_grid([f"flagfile={tmp_path}/nothing_*.cfg"])
