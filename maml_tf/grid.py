@@ -14,6 +14,7 @@ the grid, the seeds and each run's state, so a group of runs is one directory th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import itertools
 import json
@@ -60,7 +61,9 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
             axes.append((key, [os.path.abspath(p) for p in paths]))
             continue
         if key not in OWNER:
-            raise ConfigError(f"--grid={spec!r}: {key!r} is not a flag of a run.")
+            close = difflib.get_close_matches(key, list(OWNER) + ["flagfile"], n=1)
+            raise ConfigError(f"--grid={spec!r}: {key!r} is not a flag of a run"
+                              + (f"; did you mean {close[0]!r}?" if close else "."))
         if key in ("seed", "eval_shots"):
             raise ConfigError(f"--grid={spec!r}: " + ("seeds are --seeds=N or --seeds=0,1,2."
                               if key == "seed" else "a list-valued flag cannot be a grid axis "

@@ -1,6 +1,6 @@
 """Runs a grid of experiments, each at one or more seeds; kept short.
 
-    python -m maml_tf.sweep --flagfile=runs/omniglot_5w1s.cfg --workdir=$HOME/maml_runs/family \
+    python -m maml_tf.sweep --flagfile=runs/omniglot_5w1s.cfg --workdir=$HOME/maml_runs/lr \\
         --grid=algorithm=maml,protonet,r2d2 --grid=inner_lr=0.1,0.4 --seeds=3 [--jobs=2]
 
 Every run is ``python -m maml_tf.train`` with the command's flags, the grid point's values

@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, argv=cli.argv(FLAGS))
+    app.run(main, argv=cli.argv(FLAGS, only=[n for n in FLAGS if n not in ("grid", "jobs")]))

@@ -64,7 +64,7 @@ def test_a_grid_is_the_product_of_its_axes_times_the_seeds():
 
 @pytest.mark.parametrize("specs, message", [
     (["algorithm"], "is not key=value1,value2"),
-    (["inner_rl=0.1"], "'inner_rl' is not a flag of a run"),
+    (["inner_rl=0.1"], "'inner_rl' is not a flag of a run; did you mean 'inner_lr'"),
     (["seed=1,2"], "seeds are --seeds=N"),
     (["eval_shots=1,5"], "a list-valued flag cannot be a grid axis"),
     (["way=5", "way=20"], "names 'way' twice"),
