@@ -125,7 +125,7 @@ def finished(workdir: str) -> bool:
 class _Stop:
     """SIGTERM / SIGINT: stop the children (they checkpoint) and start no new run."""
 
-    def __enter__(self):
+    def __enter__(self) -> "_Stop":
         self.signum: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,
                                                                      signal.SIGINT)}

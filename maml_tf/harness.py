@@ -63,7 +63,7 @@ class StopSignals:
     progress, which is then checkpointed; a second signal stops at once. Handlers can only
     be installed in the main thread; elsewhere signals keep their usual effect."""
 
-    def __enter__(self):
+    def __enter__(self) -> "StopSignals":
         self.requested: int | None = None
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
