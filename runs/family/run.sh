@@ -13,6 +13,7 @@ set -u
 W=${1:?usage: runs/family/run.sh WORKDIR}
 PY=${PYTHON:-python}
 cd "$(dirname "$0")/../.." || exit 1
+child=""
 trap 'kill -TERM $child 2>/dev/null; wait $child; exit 143' TERM INT
 $PY -m maml_tf.sweep --grid=flagfile=runs/family/*.cfg --seeds=3 --workdir="$W" & child=$!
 wait $child; status=$?
