@@ -38,6 +38,8 @@ CASES = {
                           meta_batch_size=32),
     "omniglot_20w1s": dict(dataset="omniglot", way=20, shot=1, inner_steps=5, inner_lr=0.1,
                            meta_batch_size=16),
+    "omniglot_20w5s": dict(dataset="omniglot", way=20, shot=5, inner_steps=5, inner_lr=0.1,
+                           meta_batch_size=16),
     "mini_imagenet_5w1s": dict(dataset="mini_imagenet", way=5, shot=1, query=15, inner_steps=5,
                                inner_lr=0.01, meta_batch_size=4, grad_clip=10.0),
 }
@@ -156,12 +158,13 @@ MODELS = {"conv4": "auto", "resnet12": "resnet12",
 
 def child(case: str, order: str, windows: int, window_steps: int, inner_steps: int | None,
           recompute: bool, loop: bool, jit: bool = True, task_chunks: int = 1,
-          model: str = "conv4", meta_batch: int | None = None, step_metrics: bool = False) -> dict:
+          model: str = "conv4", meta_batch: int | None = None, step_metrics: bool = False,
+          precision: str = "float32") -> dict:
     from maml_tf.config import Config
     algorithm = {"first": "fomaml", "second": "maml", "imaml": "imaml"}[order]
     values = dict(CASES[case], algorithm=algorithm,
                   inner_recompute=recompute, jit_compile=jit, task_chunks=task_chunks,
-                  model=MODELS[model])
+                  model=MODELS[model], precision=precision)
     if inner_steps is not None:
         values["inner_steps"] = inner_steps
     if meta_batch is not None:
@@ -174,7 +177,7 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
     flops = (float("nan") if algorithm == "imaml" else
              _counted_flops(run.learner, episode, config.inner_steps, config.first_order))
     out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
-           "model": model,
+           "model": model, "precision": precision,
            "task_chunks": task_chunks, "step_metrics": step_metrics,
            "recompute": recompute, "meta_batch": config.meta_batch_size,
            "tasks_per_s": steps_per_s * config.meta_batch_size, "compile_s": compile_s,
@@ -285,6 +288,8 @@ def main():
     p.add_argument("--inner_steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no_jit", action="store_true", help="meta-step without XLA")
+    p.add_argument("--precision", default="float32", help="the inner loop's and forward "
+                   "passes' compute dtype (--precision of a run): float32, bfloat16, float16")
     p.add_argument("--step_metrics", action="store_true",
                    help="time the meta-step that also scores the queries after every inner "
                         "step (training runs it on one meta-step in --step_metrics_every); "
@@ -297,7 +302,7 @@ def main():
         ["--step_metrics"] if a.step_metrics else []) + (
         [f"--meta_batch={a.meta_batch}"] if a.meta_batch else []) + (
         [f"--inner_steps={a.inner_steps}"] if a.inner_steps else []) + (
-        ["--no_jit"] if a.no_jit else [])
+        ["--no_jit"] if a.no_jit else []) + [f"--precision={a.precision}"]
     if a.child and a.peak:
         print(json.dumps({"gflops": machine.tf_matmul_peak()}))
         return
@@ -315,7 +320,8 @@ def main():
         print(json.dumps(child(a.case, a.order, a.windows, a.window_steps, a.inner_steps,
                                a.recompute, loop=not a.no_loop, jit=not a.no_jit,
                                task_chunks=a.task_chunks, model=a.model,
-                               meta_batch=a.meta_batch, step_metrics=a.step_metrics)))
+                               meta_batch=a.meta_batch, step_metrics=a.step_metrics,
+                               precision=a.precision)))
         return
     if a.memory:
         variants = {"plain": [], "recompute": ["--recompute"], "chunks": ["--task_chunks=4"],
