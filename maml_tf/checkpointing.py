@@ -162,7 +162,9 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
     """Creates the workdir, or checks that it holds the same experiment.
 
     A workdir with different flags is refused, naming the differences; with
-    ``overwrite`` its contents are moved aside to ``replaced-<time>/`` (never deleted).
+    ``overwrite`` its contents are moved aside to ``replaced-<time>/`` (never deleted). A
+    workdir whose run stopped in its checks before any iteration (a config.json and no
+    checkpoint, session, validation or result) takes the corrected flags: nothing is lost.
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
@@ -175,6 +177,10 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
         new = config.to_flat_dict()
         diff = sorted(k for k in set(old) | set(new)
                       if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+        if diff and _never_trained(workdir):
+            logging.info("%s held the config of a run that never trained (it stopped in its "
+                         "checks): replaced by this one.", workdir)
+            diff = []
         if diff and not overwrite:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             raise ConfigError(
@@ -192,6 +198,16 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
                       f"# Re-runs (or resumes) this experiment:\n"
                       f"#   python -m maml_tf.train --flagfile={os.path.join(workdir, 'flags.cfg')}\n"
                       f"--workdir={workdir}\n" + config.to_flagfile())
+
+
+def _never_trained(workdir: str) -> bool:
+    """Whether ``workdir`` holds nothing a run produces: no checkpoint, no session, no
+    validation, no result (only the config of a run that stopped before iteration 1)."""
+    produced = (glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*")) +
+                glob.glob(os.path.join(workdir, "results*.json")) +
+                [p for p in (os.path.join(workdir, SESSIONS_NAME),
+                             os.path.join(workdir, "history.json")) if os.path.exists(p)])
+    return not produced
 
 
 def _number(path: str) -> int:

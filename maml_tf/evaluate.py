@@ -14,6 +14,7 @@ import os
 from absl import app, flags
 
 from maml_tf import api, cli
+from maml_tf import config as C
 from maml_tf import flags as maml_flags
 
 FLAGS = flags.FLAGS
@@ -26,8 +27,14 @@ def main(argv):
     if not os.path.exists(os.path.join(FLAGS.workdir or "", "config.json")):
         raise SystemExit(f"--workdir={FLAGS.workdir!r} holds no config.json: pass the "
                          "workdir of a run started with maml_tf.train.")
-    overrides = {k: FLAGS[k].value for k in api.EVAL_OVERRIDES if FLAGS[k].present}
+    # Every run flag given is passed on: one that evaluation cannot honour (--inner_lr) is
+    # refused by name instead of being silently ignored.
+    overrides = {k: FLAGS[k].value for k in C.OWNER if FLAGS[k].present}
     with cli.user_errors(verbose=FLAGS.verbosity >= 1):
+        command = [k for k in maml_flags.COMMAND_FLAGS if k != "workdir" and FLAGS[k].present]
+        if command:
+            raise C.ConfigError(f"--{command[0]} is a flag of training runs, not of an "
+                                "evaluation: drop it.")
         api.evaluate_workdir(FLAGS.workdir, **overrides)
 
 

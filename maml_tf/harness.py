@@ -296,6 +296,7 @@ def final_evaluation(r: Run, train_seconds: float = 0.0, start: int = 0,
     }
     checkpointing.atomic_write_json(path, results)
     r.family.describe(results)
+    logging.info("Results of checkpoint ckpt-%d written to %s", step, path)
     return results
 
 

@@ -52,7 +52,7 @@ class TrainMetrics:
         shown = " ".join(f"{n.split('/')[0][6:]}{n[-1]}={values[n]:.4f}" for n in last)
         if steps_in_window > 0:
             eta = _hms((total_steps - step) * elapsed / steps_in_window)
-            rate = f"{values['tasks_per_sec']:.0f} tasks/s  eta {eta}"
+            rate = f"{rate_text(values['tasks_per_sec'])} tasks/s  eta {eta}"
         else:
             rate = "(rate after the next window)"
         logging.info("step %d/%d  meta_loss=%.4f  %s  %s", step, total_steps,
@@ -61,6 +61,12 @@ class TrainMetrics:
             m.reset_state()
         self.window_start = time.time()
         return values
+
+
+def rate_text(rate: float) -> str:
+    """A rate as the console shows it: whole numbers from 10 up, two significant digits
+    below (0.41 tasks/s, not 0)."""
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
 
 
 def _hms(seconds: float) -> str:

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from maml_tf import api
-from maml_tf.config import Config
+from maml_tf import api, checkpointing, harness, metrics
+from maml_tf.config import Config, ConfigError
 from maml_tf.data import omniglot
 from maml_tf.data.errors import DataError
 
@@ -61,6 +61,34 @@ def test_too_many_classes_for_the_test_split_fail_before_training(tmp_path, omni
     with pytest.raises(DataError, match=r"The val split of omniglot has \d+ classes"):
         api.train(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "train")   # no iteration ran
+    # The corrected command may use the workdir: nothing of a run is in it to lose.
+    checkpointing.prepare_workdir(str(tmp_path / "run"), config.replace(way=5))
+    assert harness.read_config(str(tmp_path / "run")).way == 5
+
+
+def test_a_workdir_that_trained_still_refuses_other_flags(tmp_path):
+    workdir = str(tmp_path / "run")
+    checkpointing.prepare_workdir(workdir, Config(inner_lr=0.1))
+    open(os.path.join(workdir, "history.json"), "w").write("[]")   # it validated once
+    with pytest.raises(ConfigError, match="holds a run with different flags"):
+        checkpointing.prepare_workdir(workdir, Config(inner_lr=0.2))
+
+
+def test_evaluate_refuses_a_training_flag_instead_of_ignoring_it(tmp_path):
+    (tmp_path / "config.json").write_text(Config().to_json())
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for flag, message in (("--inner_lr=0.1", "--inner_lr cannot change at evaluation"),
+                          ("--seeds=3", "--seeds is a flag of training runs")):
+        out = subprocess.run([sys.executable, "-m", "maml_tf.evaluate", f"--workdir={tmp_path}",
+                              flag], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+
+
+def test_rates_below_one_task_per_second_keep_two_digits():
+    assert [metrics.rate_text(r) for r in (0.4123, 3.456, 12.6, 345.2)] == \
+        ["0.41", "3.5", "13", "345"]
 
 
 def test_inner_steps_zero_with_an_adapting_algorithm_warns():
