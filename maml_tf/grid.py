@@ -70,7 +70,11 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
                               "(its values are comma-separated too): run one sweep per value."))
         if any(key == k for k, _ in axes):
             raise ConfigError(f"--grid names {key!r} twice: give all its values in one --grid.")
-        axes.append((key, [v.strip() for v in values.split(",")]))
+        listed = [v.strip() for v in values.split(",")]
+        if len(set(listed)) != len(listed) or "" in listed:
+            raise ConfigError(f"--grid={spec!r}: each value once, none empty (two runs would "
+                              "share a workdir).")
+        axes.append((key, listed))
     return axes
 
 

@@ -68,6 +68,7 @@ def test_a_grid_is_the_product_of_its_axes_times_the_seeds():
     (["seed=1,2"], "seeds are --seeds=N"),
     (["eval_shots=1,5"], "a list-valued flag cannot be a grid axis"),
     (["way=5", "way=20"], "names 'way' twice"),
+    (["way=5,5"], "each value once"),
 ])
 def test_bad_grids_are_one_sentence(specs, message):
     with pytest.raises(ConfigError, match=message):
