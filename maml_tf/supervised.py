@@ -157,7 +157,9 @@ class SupervisedFamily(TaskFamily):
                          time.time() - self._t0)
             self._window.window_start, self._timed_from = time.time(), step
         self._window.update(out)
-        if float(out["nonfinite"]) > 0:
+        # Reading the flag waits for the step: only where --on_nan=fail needs it (with skip,
+        # the update was already left out on the device and nothing else reads it).
+        if config.on_nan == "fail" and float(out["nonfinite"]) > 0:
             return (f"Non-finite meta-loss or meta-gradient at iteration {step} (logging window "
                     f"{self._last_log + 1}..{step}, meta-loss {float(out['loss'])}). Lower "
                     "--inner_lr or --meta_lr, set --grad_clip, or pass --on_nan=skip to skip "
