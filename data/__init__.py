@@ -10,24 +10,48 @@ from __future__ import annotations
 import functools
 
 import tensorflow as tf
+from absl import logging
 
-from maml_tf.data import few_shot, sinusoid
+from maml_tf.config import Config, DataConfig
+from maml_tf.data import few_shot, generic, sinusoid
+from maml_tf.data.classes import ClassImages
 from maml_tf.data.episode import Episode
 from maml_tf.data.errors import DataError
 from maml_tf.data.tasks import task_indices, task_seed
 
 
 @functools.lru_cache(maxsize=8)
-def _split_images(dataset: str, data_dir: str, source: str, split_name: str, split: str,
-                  rotations: str):
+def _dedicated(dataset: str, data_dir: str, source: str, split_name: str, split: str,
+               rotations: str) -> ClassImages:
     if dataset == "omniglot":
         from maml_tf.data import omniglot
-        return omniglot.load_split(data_dir, source, split_name, split, rotations)
+        return ClassImages.from_grouped(
+            omniglot.load_split(data_dir, source, split_name, split, rotations))
     from maml_tf.data import mini_imagenet
-    return mini_imagenet.load_split(data_dir, split)
+    return ClassImages.from_grouped(mini_imagenet.load_split(data_dir, split),
+                                    mini_imagenet.class_names(data_dir, split))
 
 
-def describe_splits(config) -> dict | None:
+def load_generic(config, data=None) -> generic.GenericData:
+    """The splits of a generic image source: a folder or TFDS data set is read once per
+    process (keyed by the data section alone, so the runs of a sweep share it); Python
+    ``data`` as given."""
+    if data is None and config.dataset != "python":
+        return _generic_cached(config.data)
+    return generic.load(config, data)
+
+
+@functools.lru_cache(maxsize=4)
+def _generic_cached(section: DataConfig) -> generic.GenericData:
+    return generic.load(Config(data=section))
+
+
+@functools.lru_cache(maxsize=8)
+def _generic_rotated(section: DataConfig, split: str) -> ClassImages:
+    return _generic_cached(section).splits[split].rotated()
+
+
+def describe_splits(config, data=None) -> dict | None:
     """Which classes each split holds, for the workdir's ``split.json`` (None for sinusoid)."""
     if config.dataset == "omniglot":
         from maml_tf.data import omniglot
@@ -35,20 +59,30 @@ def describe_splits(config) -> dict | None:
         return {"dataset": "omniglot", "split": config.split,
                 "character_index": "into background (0..963) then evaluation (964..1622), "
                                    "each in official character-id order",
-                "train_rotations": config.train_rotations, "eval_rotations": config.eval_rotations,
+                "train_rotations": config.rotations("train"),
+                "eval_rotations": config.rotations("val"),
                 **{s: [int(i) for i in v] for s, v in idx.items()}}
     if config.dataset == "mini_imagenet":
         from maml_tf.data import mini_imagenet
         return {"dataset": "mini_imagenet", "split": "ravi",
                 **{s: mini_imagenet.class_names(config.data_dir, s) for s in ("train", "val", "test")}}
+    if config.is_generic_images:
+        return {**load_generic(config, data).description,
+                "train_rotations": config.rotations("train"),
+                "eval_rotations": config.rotations("val")}
     return None
 
 
-def split_images(config, split: str):
-    """uint8 ``[C, D, H, W, ch]`` images of one split (cached per process)."""
-    rotations = config.train_rotations if split == "train" else config.eval_rotations
-    return _split_images(config.dataset, config.data_dir, config.data_source, config.split,
-                         split, rotations)
+def split_images(config, split: str, data=None) -> ClassImages:
+    """The classes of one split (rotated copies counting as classes), cached per process."""
+    rotations = config.rotations(split)
+    if config.is_generic_images:
+        if rotations == "augment" and data is None and config.dataset != "python":
+            return _generic_rotated(config.data, split)
+        classes = load_generic(config, data).splits[split]
+        return classes.rotated() if rotations == "augment" else classes
+    return _dedicated(config.dataset, config.data_dir, config.data_source, config.split,
+                      split, rotations)
 
 
 def queries_of(config, split: str) -> int:
@@ -57,31 +91,47 @@ def queries_of(config, split: str) -> int:
     return config.queries if split == "train" else config.test_queries
 
 
-def check_split(config, split: str, shot: int) -> None:
-    """Raises ``DataError`` if ``split`` cannot give ``config.way``-way tasks of ``shot`` shots
-    and its queries per class (checked before training, not at the first validation hours
+def usable_classes(config, split: str, shot: int, data=None) -> ClassImages:
+    """The classes of ``split`` with at least ``shot`` + queries images (the others are left
+    out of that split, with a warning that names them); ``DataError`` if fewer than
+    ``config.way`` remain (checked before training, not at the first validation hours
     later)."""
-    if config.is_regression:
-        return
-    array = split_images(config, split)
-    queries = queries_of(config, split)
-    if array.shape[0] < config.way or array.shape[1] < shot + queries:
+    classes = split_images(config, split, data)
+    need = shot + queries_of(config, split)
+    usable, dropped = classes.without_small(need)
+    if dropped and (split, need) not in _WARNED:
+        _WARNED.add((split, need))
+        logging.warning("%d class(es) of the %s split have fewer than %d images (%d shots + %d "
+                        "queries) and are left out of it: %s%s", len(dropped), split, need, shot,
+                        need - shot, ", ".join(dropped[:10]), " ..." if len(dropped) > 10 else "")
+    if usable.num_classes < config.way:
+        most = int(classes.counts.max()) if classes.num_classes else 0
         raise DataError(
-            f"The {split} split of {config.dataset} has {array.shape[0]} classes of "
-            f"{array.shape[1]} images, too few for --way={config.way} with {shot} shots + "
-            f"{queries} queries per class; lower --way, --shot, --eval_shots, --query or "
-            "--eval_queries.")
+            f"The {split} split of {config.dataset} has {usable.num_classes} classes with at "
+            f"least {need} images ({classes.num_classes} classes in all, the largest with {most} "
+            f"images), too few for --way={config.way} with {shot} shots + {need - shot} queries "
+            "per class; lower --way, --shot, --eval_shots, --query or --eval_queries.")
+    return usable
 
 
-def _task_fn(config, split: str, shot: int, stream: int):
+_WARNED: set = set()
+
+
+def check_split(config, split: str, shot: int, data=None) -> None:
+    """Raises ``DataError`` if ``split`` cannot give ``config.way``-way tasks of ``shot``
+    shots and its queries per class."""
+    if not config.is_regression:
+        usable_classes(config, split, shot, data)
+
+
+def _task_fn(config, split: str, shot: int, stream: int, data=None):
     queries = queries_of(config, split)
     if config.is_regression:
         return lambda i: sinusoid.sample_task(stream, i, shot, queries)
-    check_split(config, split, shot)
-    array = split_images(config, split)
-    images = tf.constant(array)
-    return lambda i: few_shot.sample_task(images, stream, i, config.way, shot, queries,
-                                          shuffle_support=config.shuffled_support)
+    classes = usable_classes(config, split, shot, data)
+    gather = few_shot.gather_fn(classes)
+    return lambda i: few_shot.sample_task(classes, stream, i, config.way, shot, queries,
+                                          shuffle_support=config.shuffled_support, gather=gather)
 
 
 def _to_episodes(indices: tf.data.Dataset, task_fn, batch: int) -> tf.data.Dataset:
@@ -91,7 +141,7 @@ def _to_episodes(indices: tf.data.Dataset, task_fn, batch: int) -> tf.data.Datas
 
 
 def train_dataset(config, input_context: tf.distribute.InputContext | None = None,
-                  first_step: int = 0) -> tf.data.Dataset:
+                  first_step: int = 0, data=None) -> tf.data.Dataset:
     """Endless training episodes from iteration ``first_step`` on.
 
     The per-pipeline task count comes from the input context, so the global meta-batch
@@ -106,7 +156,7 @@ def train_dataset(config, input_context: tf.distribute.InputContext | None = Non
     per_pipeline = config.meta_batch_size // pipelines
     indices = task_indices(first_step, config.meta_batch_size, per_pipeline, pipeline_id)
     stream = task_seed(config.seed, "train")
-    return _to_episodes(indices, _task_fn(config, "train", config.shot, stream), local)
+    return _to_episodes(indices, _task_fn(config, "train", config.shot, stream, data), local)
 
 
 def eval_batch_size(num_tasks: int, preferred: int, multiple_of: int = 1) -> int:
@@ -122,10 +172,10 @@ def eval_batch_size(num_tasks: int, preferred: int, multiple_of: int = 1) -> int
 
 
 def eval_dataset(config, split: str, num_tasks: int, shot: int | None = None,
-                 batch: int | None = None) -> tf.data.Dataset:
+                 batch: int | None = None, data=None) -> tf.data.Dataset:
     """The fixed evaluation tasks ``0 .. num_tasks-1`` of a split, seeded by ``eval_seed``."""
     shot = shot or config.shot
     batch = batch or eval_batch_size(num_tasks, config.meta_batch_size)
     stream = task_seed(config.eval_seed, split, f"shot{shot}")
     indices = tf.data.Dataset.range(num_tasks)
-    return _to_episodes(indices, _task_fn(config, split, shot, stream), batch)
+    return _to_episodes(indices, _task_fn(config, split, shot, stream, data), batch)

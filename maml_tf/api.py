@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from maml_tf import harness
 from maml_tf.config import Config
+from maml_tf.data import python_source
 from maml_tf.harness import EVAL_OVERRIDES, Run  # noqa: F401 -- part of this API
 from maml_tf.rl.family import RLFamily
 from maml_tf.supervised import SupervisedFamily
@@ -22,9 +23,15 @@ def family_for(config: Config) -> harness.TaskFamily:
     return RLFamily(config) if config.is_rl else SupervisedFamily(config)
 
 
-def train(config: Config, workdir: str, overwrite: bool = False, model=None) -> dict:
+def train(config: Config, workdir: str, overwrite: bool = False, model=None, data=None) -> dict:
     """Meta-trains (or resumes) the run in ``workdir`` and returns its results (the
     contents of results.json).
+
+    data: your own data set, which then is the run's data (``--dataset=python``):
+    ``(images, labels)`` arrays, ``(file paths, labels)``, a ``tf.data.Dataset`` of ``(image,
+    label)``, or a dict of such ``{"train", "val", "test"}`` splits (else ``class_split``
+    decides them); see ``maml_tf/data/python_source.py``. It is not stored in the workdir:
+    pass it again to resume or evaluate (other data is refused by its fingerprint).
 
     model: None builds ``config.model``. Your own network: a module-level function
     ``(input_shape, num_outputs) -> keras.Model`` (recorded in the workdir, so that resuming
@@ -32,13 +39,31 @@ def train(config: Config, workdir: str, overwrite: bool = False, model=None) -> 
     strategy only; pass it again to resume). overwrite: move a run with other flags aside
     into ``<workdir>/replaced-<time>/`` instead of refusing.
     """
-    return harness.train(family_for, config, workdir, overwrite=overwrite, model=model)
+    config, family = _with_data(config, data)
+    return harness.train(family, config, workdir, overwrite=overwrite, model=model)
 
 
-def evaluate_workdir(workdir: str, model=None, **overrides) -> dict:
+def evaluate_workdir(workdir: str, model=None, data=None, **overrides) -> dict:
     """Evaluates the latest checkpoint of ``workdir`` on fixed test tasks (as ``python -m
-    maml_tf.evaluate``) and writes ``results-<protocol>.json``; see ``harness.evaluate``."""
-    return harness.evaluate(family_for, workdir, model=model, **overrides)
+    maml_tf.evaluate``) and writes ``results-<protocol>.json``; see ``harness.evaluate``.
+    data: the data set of a run trained on data passed from Python (as for ``train``)."""
+    family = family_for
+    if data is not None:
+        _, family = _with_data(harness.read_config(workdir), data)
+    return harness.evaluate(family, workdir, model=model, **overrides)
+
+
+def _with_data(config: Config, data):
+    """``(config, family factory)`` of a run given ``data`` from Python: the data set becomes
+    ``python``, with the image size and channels the data has (the network is built for
+    them)."""
+    if data is None:
+        return config, family_for
+    prepared = python_source.prepare(data, config.image_size, config.channels,
+                                     config.label_key, config.strict_data)
+    height, _, channels = prepared.classes.image_shape
+    config = config.replace(dataset="python", image_size=height, channels=channels)
+    return config, lambda c: SupervisedFamily(c, data=prepared)
 
 
 def build(config: Config, workdir: str, overwrite: bool = False, model=None,

@@ -18,14 +18,14 @@ import time
 import tensorflow as tf
 from absl import logging
 
-from maml_tf.config import Config, ConfigError, flatten_config
+from maml_tf.config import Config, ConfigError, flatten_config, resolved_rotations
 
 # Keys that may change when a run is resumed (a longer schedule, more logging).
 RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
                   "data_source", "inner_recompute", "cpu_devices", "task_chunks",
                   "eval_mode", "eval_queries", "eval_trajectories", "eval_later_inner_lr",
-                  "step_metrics_every"}
+                  "step_metrics_every", "cache_dir"}
 
 
 LOCK_NAME = ".lock"
@@ -173,8 +173,8 @@ def prepare_workdir(workdir: str, config: Config, overwrite: bool = False) -> No
             # Keys added to Config after the run was written, or left out of its sections
             # as not applying to it, take their defaults; a flat config.json (written before
             # the sections) compares the same way.
-            old = {**Config().to_flat_dict(), **flatten_config(json.load(f))}
-        new = config.to_flat_dict()
+            old = resolved_rotations({**Config().to_flat_dict(), **flatten_config(json.load(f))})
+        new = resolved_rotations(config.to_flat_dict())
         diff = sorted(k for k in set(old) | set(new)
                       if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
         if diff and _never_trained(workdir):

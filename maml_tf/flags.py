@@ -32,16 +32,41 @@ flags.DEFINE_enum("on_nan", _D.on_nan, C.ON_NAN, "On a non-finite meta-loss or "
                   "meta-gradient: 'fail' stops naming the step window, 'skip' skips the update.")
 
 # -- data -------------------------------------------------------------------------------
-flags.DEFINE_enum("dataset", _D.dataset, C.DATASETS, "Meta-learning problem.")
-flags.DEFINE_string("data_dir", _D.data_dir, "Where Omniglot or mini-ImageNet lie; empty "
-                    "reads $MAML_TF_DATA_DIR, then the TFDS data directory.")
+flags.DEFINE_string("dataset", _D.dataset, "Meta-learning problem: sinusoid, omniglot, "
+                    "mini_imagenet, navigation_2d, halfcheetah_vel, halfcheetah_dir; or your own "
+                    "images: 'folder' (an image folder tree in --data_dir, one folder per class) "
+                    "or 'tfds:<name>' (a TFDS image-classification data set, e.g. tfds:cifar100).")
+flags.DEFINE_string("data_dir", _D.data_dir, "Where the data lie: Omniglot or mini-ImageNet, the "
+                    "image folder of --dataset=folder, or the TFDS data directory; empty reads "
+                    "$MAML_TF_DATA_DIR for Omniglot, then the TFDS default.")
 flags.DEFINE_enum("data_source", _D.data_source, C.SOURCES, "Omniglot source: 'auto' tries "
                   "npz arrays, then the official zips/folders in --data_dir, then TFDS.")
 flags.DEFINE_enum("split", _D.split, C.SPLITS, "Omniglot class split (see data/omniglot.py).")
-flags.DEFINE_enum("train_rotations", _D.train_rotations, C.ROTATIONS, "Omniglot training "
-                  "classes: 'augment' makes each k*90 degree rotation a new class (4x).")
+flags.DEFINE_enum("train_rotations", _D.train_rotations, C.ROTATIONS, "Training classes: "
+                  "'augment' makes each k*90 degree rotation a new class (4x); 'auto' does so "
+                  "for Omniglot only (also available for folder, TFDS and Python data).")
 flags.DEFINE_enum("eval_rotations", _D.eval_rotations, C.ROTATIONS, "The same policy for "
-                  "validation and test classes (cbfinn/maml rotates them too).")
+                  "validation and test classes (cbfinn/maml rotates Omniglot's too).")
+flags.DEFINE_integer("image_size", _D.image_size, "Folder, TFDS and Python data: images are "
+                     "resized to this size squared (0: 84, or the data's own size for arrays "
+                     "passed from Python).")
+flags.DEFINE_integer("channels", _D.channels, "Folder, TFDS and Python data: 1 (grayscale) or "
+                     "3 (RGB); 0: RGB (arrays from Python: their own).")
+flags.DEFINE_list("class_split", list(_D.class_split), "Folder, TFDS and Python data: split the "
+                  "classes at random into this many train,val,test classes (e.g. 64,16,20), "
+                  "the same split for every --seed.")
+flags.DEFINE_string("split_file", _D.split_file, "Folder, TFDS and Python data: a JSON file "
+                    '{"train": [...], "val": [...], "test": [...]} of class names that decides '
+                    "the splits.")
+flags.DEFINE_string("label_key", _D.label_key, "TFDS and tf.data dict elements: the feature "
+                    "that names the class.")
+flags.DEFINE_bool("invert_images", _D.invert_images, "Folder, TFDS and Python data: store "
+                  "255 - pixel (dark strokes on white paper become high values, as the Omniglot "
+                  "loader stores them).")
+flags.DEFINE_bool("strict_data", _D.strict_data, "Refuse an unreadable image file instead of "
+                  "skipping it with a warning.")
+flags.DEFINE_string("cache_dir", _D.cache_dir, "Where folder and TFDS data are decoded once "
+                    "(read back memory-mapped); empty: $MAML_TF_CACHE_DIR, else ~/.cache/maml_tf.")
 flags.DEFINE_integer("way", _D.way, "Classes per task (N).")
 flags.DEFINE_integer("shot", _D.shot, "Support examples per class (K), or support points "
                      "per sinusoid task.")

@@ -9,6 +9,7 @@ sinusoid fit as a picture).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Callable
@@ -22,6 +23,7 @@ from maml_tf import checkpointing, distribute, evaluation, metrics as metrics_li
 from maml_tf.algorithms import build_learner, train_inner_steps
 from maml_tf.algorithms.cnp import REPRESENTATION
 from maml_tf.config import Config, ConfigError
+from maml_tf.data.errors import DataError
 from maml_tf.family import Evaluation, Run, TaskFamily
 from maml_tf.harness import Schedule as _Schedule, current_lr
 from maml_tf.meta_learner import MetaLearner
@@ -83,15 +85,21 @@ def network(config: Config, dtype: str = "float32",
 class SupervisedFamily(TaskFamily):
     """Episodes of ``data.Episode``: few-shot classification and sinusoid regression."""
 
-    def __init__(self, config: Config):
-        del config   # everything is read from the run's config
+    def __init__(self, config: Config, data=None):
+        """data: a data set passed from Python (``--dataset=python``), as
+        ``data.python_source.prepare`` returns it; None for every other data set."""
+        del config   # everything else is read from the run's config
+        self._data = data
 
     # -- set-up -------------------------------------------------------------------------
     def make_model(self, config: Config, model_fn: Callable | None) -> keras.Model:
         return network(config, model_fn=model_fn)
 
     def make_learner(self, config: Config, model: keras.Model) -> MetaLearner:
-        return build_learner(config, model)
+        num_classes = None
+        if config.algorithm == "pretrain" and not config.is_regression:
+            num_classes = data_lib.split_images(config, "train", self._data).num_classes
+        return build_learner(config, model, num_classes=num_classes)
 
     def prepare(self, config: Config, model: keras.Model,
                 strategy: tf.distribute.Strategy) -> Config:
@@ -116,7 +124,9 @@ class SupervisedFamily(TaskFamily):
                                   f"{replicas} replicas: use a multiple of {replicas}.") from None
         for split in ("train", "val", "test"):
             for shot in ((config.shot,) if split == "train" else config.test_shots):
-                data_lib.check_split(config, split, shot)
+                data_lib.check_split(config, split, shot, self._data)
+        if config.is_generic_images and run.manager.latest_checkpoint:
+            _check_same_data(run.workdir, data_lib.describe_splits(config, self._data))
         self._eval_step = evaluation.make_eval_step(run.learner, config.test_inner_steps,
                                                     run.strategy, config.jit_compile,
                                                     config.eval_mode)
@@ -124,11 +134,11 @@ class SupervisedFamily(TaskFamily):
     # -- training -----------------------------------------------------------------------
     def start_training(self, run: Run, start: int) -> None:
         config = run.config
-        splits = data_lib.describe_splits(config)
+        splits = data_lib.describe_splits(config, self._data)
         if splits is not None:
             checkpointing.atomic_write_json(os.path.join(run.workdir, "split.json"), splits)
         dataset = run.strategy.distribute_datasets_from_function(
-            lambda ctx: data_lib.train_dataset(config, ctx, first_step=start))
+            lambda ctx: data_lib.train_dataset(config, ctx, first_step=start, data=self._data))
         self._batches = iter(dataset)
         self._train_step = make_train_step(run)
         self._schedule = Schedule(config)
@@ -195,7 +205,7 @@ class SupervisedFamily(TaskFamily):
         """Evaluation of the current meta-weights on fixed tasks of ``split``, per test shot."""
         out = {}
         for shot in run.config.test_shots:
-            ds = _eval_dataset(run, split, num_tasks, shot)
+            ds = _eval_dataset(run, split, num_tasks, shot, self._data)
             out[f"{shot}shot"] = evaluation.evaluate(self._eval_step, ds, num_tasks,
                                                      run.config.is_regression)
         return out
@@ -259,10 +269,31 @@ def results_name(config: Config, step: int) -> str:
             f"{shots}shot-{config.test_queries}queries-{config.eval_mode}-seed{config.eval_seed}")
 
 
-def _eval_dataset(run: Run, split: str, num_tasks: int, shot: int):
+def _check_same_data(workdir: str, splits: dict) -> None:
+    """A resumed or evaluated run of a generic image source must see the data it was trained
+    on: the tasks of ``(seed, split, i)`` are only the same for the same classes and images."""
+    path = os.path.join(workdir, "split.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("fingerprint") not in (None, splits["fingerprint"]):
+        raise DataError(
+            f"The data differs from the data this run was trained on (fingerprint "
+            f"{old['fingerprint'][:12]}... in {path}, now {splits['fingerprint'][:12]}...): images "
+            "were added, removed or changed, so resuming would not continue the same tasks. "
+            "Restore the data as it was, or train in a new --workdir.")
+    changed = [s for s in ("train", "val", "test") if old.get(s) not in (None, splits.get(s))]
+    if changed:
+        raise DataError(f"The {' and '.join(changed)} classes differ from those recorded in "
+                        f"{path} (a changed splits.json or split file?): restore it, or train "
+                        "in a new --workdir.")
+
+
+def _eval_dataset(run: Run, split: str, num_tasks: int, shot: int, data=None):
     batch = data_lib.eval_batch_size(num_tasks, run.config.meta_batch_size,
                                      run.strategy.num_replicas_in_sync)
-    ds = data_lib.eval_dataset(run.config, split, num_tasks, shot, batch=batch)
+    ds = data_lib.eval_dataset(run.config, split, num_tasks, shot, batch=batch, data=data)
     # Workers split the fixed tasks batch by batch; gathering restores all of them.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

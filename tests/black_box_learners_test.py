@@ -395,7 +395,8 @@ class MannTest(tf.test.TestCase):
 
     def test_the_support_sequence_is_shuffled_for_mann_only(self):
         from maml_tf.data import few_shot
-        images = tf.constant(np.arange(6 * 4 * 2 * 2, dtype=np.uint8).reshape(6, 4, 2, 2, 1))
+        from maml_tf.data.classes import ClassImages
+        images = ClassImages.from_grouped(np.arange(6 * 4 * 2 * 2, dtype=np.uint8).reshape(6, 4, 2, 2, 1))
         plain = few_shot.sample_task(images, 3, tf.constant(5, tf.int64), 3, 3, 1)
         mixed = few_shot.sample_task(images, 3, tf.constant(5, tf.int64), 3, 3, 1,
                                      shuffle_support=True)

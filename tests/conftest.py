@@ -1,11 +1,14 @@
 """Test set-up: quiet TF, offline TFDS, and where the shared real data sets live."""
 
+import atexit
 import gc
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -13,6 +16,10 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Never probe the network from tests: TFDS sources report "offline" at once.
 os.environ["MAML_TF_OFFLINE"] = "1"
+# Folder and TFDS data decoded by tests go to a cache of this session, not ~/.cache/maml_tf.
+if "MAML_TF_CACHE_DIR" not in os.environ:   # isolated child processes inherit the parent's
+    os.environ["MAML_TF_CACHE_DIR"] = tempfile.mkdtemp(prefix="maml_tf_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["MAML_TF_CACHE_DIR"], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNIGLOT_DIR = os.environ.get("MAML_TF_DATA_DIR") or os.path.join(
@@ -134,8 +141,8 @@ def _fresh_module_state():
     # life of a process; a test module's end drops them, then returns freed heap to the OS.
     from maml_tf import data as data_lib
     from maml_tf.data import mini_imagenet, omniglot
-    for cached in (data_lib._split_images, omniglot.load_raw, omniglot.load_all,
-                   mini_imagenet._load):
+    for cached in (data_lib._dedicated, data_lib._generic_cached, data_lib._generic_rotated,
+                   omniglot.load_raw, omniglot.load_all, mini_imagenet._load):
         cached.cache_clear()
     import keras
     keras.backend.clear_session(free_memory=True)

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from maml_tf import data as data_lib
 from maml_tf.data import few_shot, mini_imagenet, omniglot
+from maml_tf.data.classes import ClassImages
 from maml_tf.data.errors import DataError
 from maml_tf.config import Config
 
@@ -42,8 +43,8 @@ def test_training_resumes_on_exactly_the_tasks_it_would_have_seen():
 
 def test_few_shot_tasks_have_distinct_classes_and_permuted_labels():
     # Class c is a constant image of value c, so the class of every example is readable.
-    images = tf.constant(np.broadcast_to(np.arange(30, dtype=np.uint8)[:, None, None, None, None],
-                                         (30, 20, 4, 4, 1)).copy())
+    images = ClassImages.from_grouped(np.broadcast_to(
+        np.arange(30, dtype=np.uint8)[:, None, None, None, None], (30, 20, 4, 4, 1)).copy())
     first_class = []
     for i in range(40):
         sx, sy, qx, qy, classes = few_shot.sample_task(images, 7, tf.constant(i, tf.int64), 5, 2, 3)

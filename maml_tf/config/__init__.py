@@ -20,20 +20,24 @@ the run before anything is built.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from typing import Any
 
+from maml_tf.config.flat import (  # noqa: F401 -- part of this API
+    flatten_config, resolved_rotations, suggestion, unknown_message)
 from maml_tf.config.sections import (  # noqa: F401 -- the constants are part of this API
     ALGORITHM_SWITCHES, ALGORITHMS, BLACK_BOX_LEARNERS, CUSTOM_INSTANCE, DATASETS, EVAL_MODES,
     INNER_OPTIMIZERS, LR_SCHEDULES, MAMLPP_SWITCHES, MANN_WRITES, META_OPTIMIZERS,
     METRIC_LEARNERS, MODELS, NORMS, ON_NAN, OWNER, POOLS, PRECISIONS, RL_ALGORITHMS,
-    RL_DATASETS, ROTATIONS, SECTIONS, SOURCES, SPLITS, STRATEGIES, ConfigError, DataConfig,
+    IMAGE_SOURCES, RL_DATASETS, ROTATIONS, SECTIONS, TFDS_PREFIX, SOURCES, SPLITS, STRATEGIES, ConfigError, DataConfig,
     EvalConfig, LearnerConfig, NetworkConfig, OptimConfig, RLConfig, RunConfig, Section, ints)
 
 RL_SWITCHES = RLConfig.field_names()
-_SECTION_NAMES = tuple(s.NAME for s in SECTIONS)
-_OMNIGLOT_ONLY = ("data_source", "split", "train_rotations", "eval_rotations")
+_OMNIGLOT_ONLY = ("data_source", "split")
+# The switches of the generic image path (data/sources.py); they do not apply to the
+# dedicated Omniglot and mini-ImageNet loaders.
+_GENERIC_ONLY = ("class_split", "split_file", "label_key", "invert_images", "strict_data", "cache_dir")
+_TUPLES = ("eval_shots", "class_split")
 _CONV4_ONLY = ("num_filters", "conv_pool", "norm")
 
 
@@ -58,7 +62,7 @@ class Config:
                      evaluation=evaluation, run=run, rl=rl)
         unknown = sorted(set(flat) - set(OWNER))
         if unknown:
-            raise ConfigError(_unknown_message(unknown))
+            raise ConfigError(unknown_message(unknown))
         for cls in SECTIONS:
             section = given[cls.NAME]
             if section is not None and not isinstance(section, cls):
@@ -81,7 +85,7 @@ class Config:
         if section is None:
             if name.startswith("__"):
                 raise AttributeError(name)
-            raise AttributeError(f"'Config' has no field {name!r}{_suggestion(name)}")
+            raise AttributeError(f"'Config' has no field {name!r}{suggestion(name)}")
         value = self.__dict__.get(section.NAME)
         return section.default(name) if value is None else getattr(value, name)
 
@@ -99,6 +103,11 @@ class Config:
     @property
     def is_regression(self) -> bool:
         return self.data.dataset == "sinusoid"
+
+    @property
+    def is_generic_images(self) -> bool:
+        """Images read by the generic path (data/sources.py): a folder, TFDS or Python data."""
+        return self.data.dataset in IMAGE_SOURCES or self.data.dataset.startswith(TFDS_PREFIX)
 
     @property
     def is_rl(self) -> bool:
@@ -175,7 +184,19 @@ class Config:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (84, 84, 3) if self.data.dataset == "mini_imagenet" else (28, 28, 1)
+        """``(H, W, ch)`` of the task images: ``--image_size`` and ``--channels`` of a generic
+        image source (default 84x84 RGB); Omniglot 28x28x1, mini-ImageNet 84x84x3."""
+        if self.data.dataset == "mini_imagenet":
+            return (84, 84, 3)
+        if self.is_generic_images:
+            size = self.data.image_size or 84
+            return (size, size, self.data.channels or 3)
+        return (28, 28, 1)
+
+    def rotations(self, split: str) -> str:
+        """'augment' or 'none': the rotation policy of ``split``'s classes."""
+        return resolved_rotations(self.to_flat_dict())["train_rotations" if split == "train"
+                                                       else "eval_rotations"]
 
     # -- construction and serialisation --------------------------------------------------
     @classmethod
@@ -184,14 +205,16 @@ class Config:
         keys of older config.json files and of ``Config(...)``, or from both: flat keys
         override the sections' values. Keys a section leaves out take their defaults."""
         flat = flatten_config(values)
-        if flat.get("eval_shots") is not None:
-            flat["eval_shots"] = ints("eval_shots", flat["eval_shots"])
+        for name in _TUPLES:
+            if flat.get(name) is not None:
+                flat[name] = ints(name, flat[name])
         return cls(**flat)
 
     def to_flat_dict(self) -> dict[str, Any]:
         """Every field by its flag name (a field of an absent section: its default)."""
         d = {name: getattr(self, name) for name in OWNER}
-        d["eval_shots"] = list(self.evaluation.eval_shots)
+        for name in _TUPLES:
+            d[name] = list(d[name])
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +256,12 @@ class Config:
             return ALGORITHM_SWITCHES[name] == self.learner.algorithm
         if name in _OMNIGLOT_ONLY:
             return self.data.dataset == "omniglot"
+        if name in ("train_rotations", "eval_rotations"):
+            return self.data.dataset == "omniglot" or self.is_generic_images
+        if name in _GENERIC_ONLY:
+            return self.is_generic_images
+        if name in ("image_size", "channels"):
+            return self.is_generic_images
         if name in ("way", "data_dir"):
             return not self.is_regression and not self.is_rl
         if name in ("shot", "query"):
@@ -312,6 +341,15 @@ class Config:
         if self.dataset == "mini_imagenet" and self.model_name == "mlp":
             raise ConfigError("--model=mlp is defined for sinusoid and Omniglot (the paper's "
                               "non-conv baseline); use --model=conv4 for mini_imagenet.")
+        # Not refused with sinusoid, the default: Config(way=5, class_split=(64, 16, 20)) is
+        # how Python data is described before maml_tf.train(..., data=...) sets the data set.
+        if self.dataset in ("omniglot", "mini_imagenet"):
+            changed = [n for n in _GENERIC_ONLY + ("image_size", "channels")
+                       if getattr(self, n) != DataConfig.default(n)]
+            if changed:
+                raise ConfigError(f"--{changed[0]} configures the generic image path (--dataset="
+                                  f"folder, tfds:<name> or data passed from Python); "
+                                  f"--dataset={self.dataset} has its own loader: drop it.")
         if self.dataset == "omniglot" and self.split == "lake" and self.way > 659:
             raise ConfigError(f"--way={self.way} exceeds the 659 test characters of the lake split.")
 
@@ -347,29 +385,6 @@ class Config:
                               "--eval_mode=support would not apply: use --eval_mode=per_example.")
 
 
-def flatten_config(values: dict[str, Any]) -> dict[str, Any]:
-    """The flat ``{flag: value}`` of a sectioned, flat or mixed config dict (flat keys win),
-    not validated. A section that holds a key of another section is an error."""
-    flat: dict[str, Any] = {}
-    for name in _SECTION_NAMES:
-        part = values.get(name)
-        if part is None:
-            continue
-        if not isinstance(part, dict):
-            raise ConfigError(f"Config section {name!r} must be a mapping of flags, got "
-                              f"{type(part).__name__}.")
-        unknown = sorted(k for k in part if k not in OWNER)
-        if unknown:
-            raise ConfigError(f"Config section {name!r}: " + _unknown_message(unknown))
-        for key in part:
-            if OWNER[key].NAME != name:
-                raise ConfigError(f"Config section {name!r} holds {key!r}, a field of section "
-                                  f"{OWNER[key].NAME!r}: move it there (or give it flat).")
-        flat.update(part)
-    flat.update({k: v for k, v in values.items() if k not in _SECTION_NAMES})
-    return flat
-
-
 def _refuse_rl(section: RLConfig | None, flat: dict[str, Any], dataset: str) -> None:
     """A run on another data set has no RL section: an RL switch set for it is an error."""
     values = {**(dataclasses.asdict(section) if section is not None else {}), **flat}
@@ -377,15 +392,3 @@ def _refuse_rl(section: RLConfig | None, flat: dict[str, Any], dataset: str) -> 
         if name in values and values[name] != RLConfig.default(name):
             raise ConfigError(f"--{name} is a reinforcement-learning switch; it needs "
                               f"--dataset={'/'.join(RL_DATASETS)} (got --dataset={dataset}).")
-
-
-def _suggestion(name: str) -> str:
-    close = difflib.get_close_matches(name, list(OWNER), n=1)
-    return f": did you mean {close[0]!r}?" if close else ""
-
-
-def _unknown_message(unknown: list[str]) -> str:
-    parts = [f"{k!r}{_suggestion(k)}" for k in unknown]
-    known = "" if all(_suggestion(k) for k in unknown) else \
-        f" The fields are the flags: {', '.join(sorted(OWNER))}."
-    return f"Unknown config key{'s' if len(unknown) > 1 else ''} {'; '.join(parts)}{known}"

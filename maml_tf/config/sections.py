@@ -16,7 +16,12 @@ from typing import Any, ClassVar
 # Reinforcement-learning task distributions (maml_tf/rl): 2D navigation in TensorFlow, and
 # HalfCheetah goal velocity / direction through gymnasium's MuJoCo (pip install -e ".[rl]").
 RL_DATASETS = ("navigation_2d", "halfcheetah_vel", "halfcheetah_dir")
-DATASETS = ("sinusoid", "omniglot", "mini_imagenet") + RL_DATASETS
+# Image data sets of any class structure, read by one generic path (data/sources.py): a folder
+# tree of images, a data set passed from Python (``maml_tf.train(..., data=...)``), and any TFDS
+# image-classification data set as ``tfds:<name>``.
+IMAGE_SOURCES = ("folder", "python")
+TFDS_PREFIX = "tfds:"
+DATASETS = ("sinusoid", "omniglot", "mini_imagenet") + IMAGE_SOURCES + RL_DATASETS
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "boil", "cavia", "imaml", "mamlpp",
               "protonet", "r2d2", "metaoptnet", "matching", "relation", "mann", "snail", "cnp",
               "pretrain")
@@ -44,7 +49,8 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 SPLITS = ("cbfinn", "vinyals", "lake")
 SOURCES = ("auto", "npz", "official", "tfds")
 POOLS = ("auto", "stride", "max")
-ROTATIONS = ("augment", "none")
+# 'auto': augment Omniglot, none for every other data set.
+ROTATIONS = ("auto", "augment", "none")
 ON_NAN = ("fail", "skip")
 PRECISIONS = ("float32", "bfloat16", "float16")
 NORMS = ("batch", "layer", "none")
@@ -87,14 +93,31 @@ class DataConfig(Section):
     data_dir: str = ""
     data_source: str = "auto"
     split: str = "cbfinn"
-    train_rotations: str = "augment"
-    eval_rotations: str = "augment"
+    train_rotations: str = "auto"
+    eval_rotations: str = "auto"
     way: int = 5
     shot: int = 1
     query: int = 0
+    image_size: int = 0
+    channels: int = 0
+    class_split: tuple[int, ...] = ()
+    split_file: str = ""
+    label_key: str = "label"
+    invert_images: bool = False
+    strict_data: bool = False
+    cache_dir: str = ""
 
     def check(self) -> None:
-        choice("dataset", self.dataset, DATASETS)
+        if not (self.dataset.startswith(TFDS_PREFIX) and len(self.dataset) > len(TFDS_PREFIX)):
+            choice("dataset", self.dataset, DATASETS + ("tfds:<name>",))
+        at_least("image_size", self.image_size, 0, "(0: the data set's own: 28 for Omniglot, 84 "
+                 "otherwise)")
+        choice("channels", self.channels, (0, 1, 3))
+        if self.class_split and (len(self.class_split) != 3 or min(self.class_split) < 0 or
+                                 not all(self.class_split)):
+            raise ConfigError(f"--class_split={','.join(map(str, self.class_split))} is invalid: "
+                              "give three positive class counts train,val,test, e.g. "
+                              "--class_split=64,16,20.")
         choice("split", self.split, SPLITS)
         choice("data_source", self.data_source, SOURCES)
         choice("train_rotations", self.train_rotations, ROTATIONS)
