@@ -13,6 +13,8 @@ setup(
     # maml_tf.models and maml_tf.data: nothing generic lands in a user's site-packages.
     packages=["maml_tf", "maml_tf.config", "maml_tf.algorithms", "maml_tf.rl", "maml_tf.models", "maml_tf.data"],
     package_dir={"maml_tf": "maml_tf", "maml_tf.models": "models", "maml_tf.data": "data"},
+    # The standard class splits (CIFAR-FS, FC100, CUB, tieredImageNet): --split_file=<name>.
+    package_data={"maml_tf.data": ["splits/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "keras>=3.10",

@@ -12,7 +12,7 @@ import functools
 import tensorflow as tf
 from absl import logging
 
-from maml_tf.config import Config, DataConfig
+from maml_tf.config import GENERIC_ONLY, IMAGE_SOURCES, TFDS_PREFIX, Config, DataConfig
 from maml_tf.data import few_shot, generic, sinusoid
 from maml_tf.data.classes import ClassImages
 from maml_tf.data.episode import Episode
@@ -49,6 +49,30 @@ def _generic_cached(section: DataConfig) -> generic.GenericData:
 @functools.lru_cache(maxsize=8)
 def _generic_rotated(section: DataConfig, split: str) -> ClassImages:
     return _generic_cached(section).splits[split].rotated()
+
+
+def test_config(config) -> Config:
+    """The config whose data the final test tasks come from: ``config``, or with
+    ``--eval_dataset`` another data set's test split at this network's image shape
+    (cross-domain evaluation, e.g. mini-ImageNet -> CUB)."""
+    target = config.eval_dataset
+    if not target:
+        return config
+    generic = target in IMAGE_SOURCES or target.startswith(TFDS_PREFIX)
+    height, _, channels = config.image_shape
+    values = {**config.to_flat_dict(), **{n: DataConfig.default(n) for n in GENERIC_ONLY},
+              "dataset": target, "data_dir": config.eval_data_dir,
+              "train_rotations": "auto", "eval_rotations": "auto",
+              "image_size": height if generic else 0, "channels": channels if generic else 0,
+              "eval_dataset": "", "eval_data_dir": "", "eval_split_file": ""}
+    if generic:
+        values.update(split_file=config.eval_split_file, cache_dir=config.cache_dir)
+    test = Config.from_dict(values)
+    if tuple(test.image_shape) != tuple(config.image_shape):
+        raise DataError(f"--eval_dataset={target} has {test.image_shape} images but the network "
+                        f"takes {config.image_shape}: evaluate across domains at the network's "
+                        "image shape (a folder or TFDS data set is resized to it).")
+    return test
 
 
 def describe_splits(config, data=None) -> dict | None:

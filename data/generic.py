@@ -10,7 +10,7 @@ import os
 import numpy as np
 from absl import logging
 
-from maml_tf.data import folder, python_source, sources, tfds_source
+from maml_tf.data import folder, python_source, ren_pickles, sources, tfds_source
 from maml_tf.data.classes import ClassImages
 from maml_tf.data.errors import DataError
 
@@ -46,6 +46,8 @@ def load(config, data=None) -> GenericData:
 
 def _folder(config):
     root = os.path.abspath(config.data_dir) if config.data_dir else ""
+    if ren_pickles.present(root):
+        return _ren_pickles(config, root)
     names, files, ignored = folder.scan(root)
     if ignored:
         logging.info("%s: %d file(s) that are not images (by their extension) were ignored.",
@@ -68,6 +70,21 @@ def _folder(config):
     classes, key = sources.cached(config.cache_dir, where, what, (size, size, channels), build)
     own = sources.folder_splits(names, root)
     return classes, own, key, {"data_dir": root}
+
+
+def _ren_pickles(config, root: str):
+    size, _, channels = config.image_shape
+    where = {"source": f"ren pickles {root}", "size": size, "channels": channels,
+             "decode": folder.DECODE_VERSION}
+    what = {**{k: v for k, v in where.items() if k != "source"},
+            "files": [[os.path.basename(p), n, t]
+                      for p, n, t in folder.fingerprint_files(ren_pickles.files(root))]}
+    classes, key = sources.cached(config.cache_dir, where, what, (size, size, channels),
+                                  ren_pickles.build(root, size, channels))
+    own: dict[str, list[str]] = {}
+    for name in classes.names:
+        own.setdefault(name.split("/", 1)[0], []).append(name)
+    return classes, own, key, {"data_dir": root, "layout": "Ren et al. pickles"}
 
 
 def _finish(config, classes: ClassImages, own, key: str, extra: dict) -> GenericData:

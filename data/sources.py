@@ -157,8 +157,15 @@ def assign(classes: ClassImages, split_file: str, class_split: Sequence[int],
            own: dict[str, list[str]] | None, source: str) -> dict[str, ClassImages]:
     """``{train, val, test: ClassImages}`` by the first rule of the module docstring that
     applies; own: the data's own split lists (folders, splits.json, a dict from Python)."""
+    counts = None
     if split_file:
-        lists = read_split_file(split_file)
+        lists, counts = read_split_file(split_file)
+        if lists is None:   # a file that only checks the data's own split
+            if own is None:
+                raise DataError(f"the split file {split_file} checks the data's own split (its "
+                                "class counts) but the data has none: lay it out as train/, "
+                                "val/ and test/ folders, or pass a split file with class lists.")
+            lists = own
     elif class_split:
         return seeded_split(classes, class_split)
     elif own is not None:
@@ -183,6 +190,10 @@ def assign(classes: ClassImages, split_file: str, class_split: Sequence[int],
                                 f"{split} split of {source}: splits must not share classes.")
             seen[i] = split
         out[split] = classes.select(idx)
+        if counts and counts.get(split) not in (None, len(idx)):
+            raise DataError(f"the {split} split of {source} has {len(idx)} classes, but "
+                            f"{split_file} says the standard split has {counts[split]}: the data "
+                            "is incomplete or not the data set the split file is for.")
     return out
 
 
@@ -222,19 +233,41 @@ def match(classes: ClassImages, names: Sequence[str], what: str) -> list[int]:
     return out
 
 
-def read_split_file(path: str) -> dict[str, list[str]]:
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
+
+
+def split_file_path(name: str) -> str:
+    """A split file's path: a file, or the name of one shipped in ``data/splits/`` (e.g.
+    ``cifar_fs``, ``fc100``, ``cub``, ``tiered_imagenet``)."""
+    shipped = os.path.join(SHIPPED, f"{name}.json")
+    if os.sep not in name and not name.endswith(".json") and os.path.exists(shipped):
+        return shipped
+    return name
+
+
+def shipped_split_files() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(SHIPPED) if f.endswith(".json"))
+
+
+def read_split_file(name: str) -> tuple[dict[str, list[str]] | None, dict[str, int] | None]:
+    """``(class lists or None, class counts or None)`` of a split file (``split_file_path``):
+    ``{"train": [...], "val": [...], "test": [...]}`` and/or ``{"counts": {...}}``."""
+    path = split_file_path(name)
     try:
         with open(path) as f:
             lists = json.load(f)
     except OSError as e:
-        raise DataError(f"cannot read the split file {path}: {e.strerror}.") from None
+        raise DataError(f"cannot read the split file {path}: {e.strerror}. --split_file takes a "
+                        "JSON file or the name of a shipped one: "
+                        f"{', '.join(shipped_split_files())}.") from None
     except ValueError as e:
         raise DataError(f"the split file {path} is not valid JSON ({e}).") from None
-    if not isinstance(lists, dict) or not all(isinstance(v, list) for k, v in lists.items()
-                                              if k in SPLIT_NAMES):
+    if not isinstance(lists, dict) or not all(isinstance(lists.get(k, []), list) for k in SPLIT_NAMES):
         raise DataError(f"the split file {path} must be a JSON object of lists of class names: "
                         '{"train": [...], "val": [...], "test": [...]}.')
-    return {k: v for k, v in lists.items() if k in SPLIT_NAMES}
+    counts = lists.get("counts")
+    found = {k: v for k, v in lists.items() if k in SPLIT_NAMES}
+    return (found or None), (counts if isinstance(counts, dict) else None)
 
 
 def folder_splits(names: Sequence[str], root: str) -> dict[str, list[str]] | None:
@@ -242,7 +275,7 @@ def folder_splits(names: Sequence[str], root: str) -> dict[str, list[str]] | Non
     ``val/`` and ``test/`` folders holding the classes."""
     path = os.path.join(root, "splits.json")
     if os.path.exists(path):
-        return read_split_file(path)
+        return read_split_file(path)[0]
     tops = {n.split("/", 1)[0] for n in names}
     if "/" in "".join(names) and tops <= set(FOLDER_SPLITS):
         lists: dict[str, list[str]] = {}

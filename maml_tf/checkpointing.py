@@ -25,7 +25,8 @@ RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
                   "data_source", "inner_recompute", "cpu_devices", "task_chunks",
                   "eval_mode", "eval_queries", "eval_trajectories", "eval_later_inner_lr",
-                  "step_metrics_every", "cache_dir"}
+                  "step_metrics_every", "cache_dir",
+                  "eval_dataset", "eval_data_dir", "eval_split_file"}
 
 
 LOCK_NAME = ".lock"

@@ -57,7 +57,8 @@ flags.DEFINE_list("class_split", list(_D.class_split), "Folder, TFDS and Python 
                   "the same split for every --seed.")
 flags.DEFINE_string("split_file", _D.split_file, "Folder, TFDS and Python data: a JSON file "
                     '{"train": [...], "val": [...], "test": [...]} of class names that decides '
-                    "the splits.")
+                    "the splits, or a standard split shipped with maml_tf: cifar_fs, fc100, cub, "
+                    "tiered_imagenet (data/splits/).")
 flags.DEFINE_string("label_key", _D.label_key, "TFDS and tf.data dict elements: the feature "
                     "that names the class.")
 flags.DEFINE_bool("invert_images", _D.invert_images, "Folder, TFDS and Python data: store "
@@ -174,6 +175,13 @@ flags.DEFINE_integer("num_iterations", _D.num_iterations, "Meta-training iterati
 flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Fixed, seeded test tasks for the final evaluation.")
 flags.DEFINE_integer("val_tasks", _D.val_tasks, "Fixed validation tasks for the learning curve.")
 flags.DEFINE_integer("eval_seed", _D.eval_seed, "Seed of the fixed validation and test tasks.")
+flags.DEFINE_string("eval_dataset", _D.eval_dataset, "Cross-domain evaluation (Chen et al. "
+                    "2019): take the final test tasks from this data set's test split instead "
+                    "(omniglot, mini_imagenet, folder or tfds:<name>), at the network's image "
+                    "shape; validation stays on the training data.")
+flags.DEFINE_string("eval_data_dir", _D.eval_data_dir, "--data_dir of --eval_dataset.")
+flags.DEFINE_string("eval_split_file", _D.eval_split_file, "--split_file of --eval_dataset (a "
+                    "folder or TFDS data set), e.g. cub.")
 flags.DEFINE_integer("log_every", _D.log_every, "Iterations between console/TensorBoard logs.")
 flags.DEFINE_integer("step_metrics_every", _D.step_metrics_every,
                      "Score the queries after every inner step (TensorBoard's query_loss/step_k "

@@ -42,7 +42,8 @@ from maml_tf.models import entering_run, model_spec
 # The settings ``evaluate`` may change for one evaluation of a trained run.
 EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "eval_queries",
                   "eval_mode", "data_dir", "data_source", "strategy", "cpu_devices",
-                  "jit_compile", "eval_trajectories", "eval_later_inner_lr", "cache_dir")
+                  "jit_compile", "eval_trajectories", "eval_later_inner_lr", "cache_dir",
+                  "eval_dataset", "eval_data_dir", "eval_split_file")
 
 
 class NonFiniteError(FloatingPointError):

@@ -51,7 +51,12 @@ class Evaluation:
         if self.metric == "mse":
             return f"MSE, {p.get('queries', '?')} query points"
         q = p.get("queries", "?")
-        return f"{p.get('eval_mode', 'transductive')}, {q} {'query' if q == 1 else 'queries'} per class"
+        column = f"{p.get('eval_mode', 'transductive')}, {q} {'query' if q == 1 else 'queries'} per class"
+        if p.get("eval_dataset"):   # cross-domain: the test classes of another data set
+            where = os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/"))
+            split = f", {p['eval_split_file']} split" if p.get("eval_split_file") else ""
+            column += f", tested on {p['eval_dataset']}{' ' + where if where else ''}{split}"
+        return column
 
     @property
     def order(self) -> tuple:
@@ -59,7 +64,8 @@ class Evaluation:
         p = self.protocol
         modes = ("transductive", "support", "per_example")
         mode = p.get("eval_mode", "transductive")
-        return (self.metric, modes.index(mode) if mode in modes else 3, p.get("queries") or 0)
+        return (self.metric, bool(p.get("eval_dataset")), modes.index(mode) if mode in modes else 3,
+                p.get("queries") or 0)
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Callable
 
@@ -122,14 +123,22 @@ class SupervisedFamily(TaskFamily):
             except ValueError:
                 raise ConfigError(f"--{flag}={tasks} cannot be split evenly over the "
                                   f"{replicas} replicas: use a multiple of {replicas}.") from None
+        # The test tasks come from --eval_dataset when it is set (cross-domain evaluation).
         for split in ("train", "val", "test"):
+            source, data = self._source(config, split)
             for shot in ((config.shot,) if split == "train" else config.test_shots):
-                data_lib.check_split(config, split, shot, self._data)
+                data_lib.check_split(source, split, shot, data)
         if config.is_generic_images and run.manager.latest_checkpoint:
             _check_same_data(run.workdir, data_lib.describe_splits(config, self._data))
         self._eval_step = evaluation.make_eval_step(run.learner, config.test_inner_steps,
                                                     run.strategy, config.jit_compile,
                                                     config.eval_mode)
+
+    def _source(self, config: Config, split: str):
+        """``(config, data)`` of the data a split's tasks come from."""
+        if split == "test" and config.eval_dataset:
+            return data_lib.test_config(config), None
+        return config, self._data
 
     # -- training -----------------------------------------------------------------------
     def start_training(self, run: Run, start: int) -> None:
@@ -205,7 +214,8 @@ class SupervisedFamily(TaskFamily):
         """Evaluation of the current meta-weights on fixed tasks of ``split``, per test shot."""
         out = {}
         for shot in run.config.test_shots:
-            ds = _eval_dataset(run, split, num_tasks, shot, self._data)
+            source, data = self._source(run.config, split)
+            ds = _eval_dataset(run, source, split, num_tasks, shot, data)
             out[f"{shot}shot"] = evaluation.evaluate(self._eval_step, ds, num_tasks,
                                                      run.config.is_regression)
         return out
@@ -221,6 +231,8 @@ class SupervisedFamily(TaskFamily):
             "softmax cross-entropy per query example"
         protocol = {
             "dataset": config.dataset, "split": config.split if not config.is_regression else None,
+            **({"eval_dataset": config.eval_dataset, "eval_data_dir": config.eval_data_dir,
+                "eval_split_file": config.eval_split_file} if config.eval_dataset else {}),
             "algorithm": config.algorithm, "model": config.model,
             "way": None if config.is_regression else config.way,
             "shots": list(config.test_shots), "queries": config.test_queries,
@@ -265,8 +277,15 @@ def results_name(config: Config, step: int) -> str:
     """``results-step<N>-<tasks>tasks-<steps>steps-<shots>shot-<queries>queries-<mode>-
     seed<S>``: a supervised evaluation's results file, named by its protocol."""
     shots = "_".join(str(s) for s in config.test_shots)
+    # Cross-domain: -on-<data set>[-<its folder>], so that two targets never share a file.
+    where = ""
+    if config.eval_dataset:
+        where = "-on-" + "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", part).strip("_") for part in
+                                  (config.eval_dataset, os.path.basename(
+                                      config.eval_data_dir.rstrip("/"))) if part)
     return (f"results-step{step}-{config.eval_tasks}tasks-{config.test_inner_steps}steps-"
-            f"{shots}shot-{config.test_queries}queries-{config.eval_mode}-seed{config.eval_seed}")
+            f"{shots}shot-{config.test_queries}queries-{config.eval_mode}-seed{config.eval_seed}"
+            f"{where}")
 
 
 def _check_same_data(workdir: str, splits: dict) -> None:
@@ -290,10 +309,10 @@ def _check_same_data(workdir: str, splits: dict) -> None:
                         "in a new --workdir.")
 
 
-def _eval_dataset(run: Run, split: str, num_tasks: int, shot: int, data=None):
+def _eval_dataset(run: Run, source: Config, split: str, num_tasks: int, shot: int, data=None):
     batch = data_lib.eval_batch_size(num_tasks, run.config.meta_batch_size,
                                      run.strategy.num_replicas_in_sync)
-    ds = data_lib.eval_dataset(run.config, split, num_tasks, shot, batch=batch, data=data)
+    ds = data_lib.eval_dataset(source, split, num_tasks, shot, batch=batch, data=data)
     # Workers split the fixed tasks batch by batch; gathering restores all of them.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

@@ -15,7 +15,7 @@ from PIL import Image
 
 from maml_tf import data as data_lib
 from maml_tf.config import Config
-from maml_tf.data import few_shot, generic, omniglot, python_source
+from maml_tf.data import few_shot, generic, omniglot, python_source, sources
 from maml_tf.data.classes import ClassImages
 from maml_tf.data.errors import DataError
 
@@ -301,6 +301,83 @@ def test_mini_imagenet_sample_as_folders_gives_the_dedicated_loaders_tasks(mini_
         np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 
+# -- the standard split files -------------------------------------------------------------------
+@pytest.mark.parametrize("name,counts", [("cifar_fs", (64, 16, 20)), ("fc100", (60, 20, 20)),
+                                         ("cub", (100, 50, 50))])
+def test_shipped_split_files_have_the_published_counts_and_are_disjoint(name, counts):
+    lists, _ = sources.read_split_file(name)
+    assert tuple(len(lists[s]) for s in ("train", "val", "test")) == counts
+    every = lists["train"] + lists["val"] + lists["test"]
+    assert len(set(every)) == len(every)
+    if name == "fc100":   # whole super-classes: 12/4/4 of CIFAR-100's 20, five classes each
+        info = json.load(open(sources.split_file_path("fc100")))
+        assert [len(info["superclasses"][s]) for s in ("train", "val", "test")] == [12, 4, 4]
+        assert set(every) == set(sources.read_split_file("cifar_fs")[0]["train"] +
+                                 sources.read_split_file("cifar_fs")[0]["val"] +
+                                 sources.read_split_file("cifar_fs")[0]["test"])
+
+
+def test_a_cifar_fs_folder_is_split_by_the_shipped_file_and_tiered_counts_are_checked(tmp_path):
+    lists, _ = sources.read_split_file("cifar_fs")
+    root = tmp_path / "cifar"
+    for name in lists["train"] + lists["val"] + lists["test"]:
+        for i in range(2):
+            _write(f"{root}/data/{name}/{i}.png", np.full((4, 4, 3), i, np.uint8))
+    loaded = generic.load(_config(root, tmp_path / "c", split_file="cifar_fs"))
+    assert [loaded.splits[s].num_classes for s in ("train", "val", "test")] == [64, 16, 20]
+    assert loaded.splits["test"].names[0] == "data/" + lists["test"][0]
+    tiered = tmp_path / "tiered"
+    for split, n in (("train", 3), ("val", 2), ("test", 2)):
+        for k in range(n):
+            _write(f"{tiered}/{split}/n0{k}/0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match="has 3 classes, but tiered_imagenet says the standard "
+                                        "split has 351"):
+        generic.load(_config(tiered, tmp_path / "c", split_file="tiered_imagenet"))
+
+
+def test_ren_et_al_pickles_are_read_with_their_own_splits(tmp_path):
+    import io
+    import pickle
+    rng = np.random.RandomState(0)
+    root = tmp_path / "tiered"
+    root.mkdir()
+    for split, classes in (("train", 3), ("val", 2), ("test", 2)):
+        labels = np.repeat(np.arange(classes), 3)[::-1].copy()   # out of class order
+        pngs = []
+        for label in labels:
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((6, 6, 3), 40 * label + 1, np.uint8)).save(buffer, "PNG")
+            pngs.append(np.frombuffer(buffer.getvalue(), np.uint8))
+        with open(root / f"{split}_images_png.pkl", "wb") as f:
+            pickle.dump(pngs, f)
+        with open(root / f"{split}_labels.pkl", "wb") as f:
+            pickle.dump({"label_specific": labels, "label_general": labels * 0,
+                         "label_specific_str": [f"n{split}{k}" for k in range(classes)],
+                         "label_general_str": ["all"]}, f)
+    loaded = generic.load(_config(root, tmp_path / "c", image_size=6, channels=3))
+    train = loaded.splits["train"]
+    assert train.names == ("train/ntrain0", "train/ntrain1", "train/ntrain2")
+    assert list(train.counts) == [3, 3, 3] and loaded.splits["val"].num_classes == 2
+    for c in range(3):
+        assert set(np.unique(train.images[train.starts[c]:train.starts[c] + 3])) == {40 * c + 1}
+    (root / "val_labels.pkl").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="val_labels.pkl"):
+        generic.load(_config(root, tmp_path / "c2", image_size=6, channels=3))
+
+
+def test_cross_domain_test_data_take_the_networks_image_shape(tmp_path):
+    config = Config(dataset="mini_imagenet", eval_dataset="folder", eval_data_dir=str(tmp_path),
+                    eval_split_file="cub")
+    test = data_lib.test_config(config)
+    assert (test.dataset, test.data_dir, test.split_file, test.image_shape) == (
+        "folder", str(tmp_path), "cub", (84, 84, 3))
+    with pytest.raises(DataError, match=r"has \(84, 84, 3\) images but the network takes"):
+        data_lib.test_config(Config(dataset="omniglot", eval_dataset="mini_imagenet"))
+    from maml_tf.config import ConfigError
+    with pytest.raises(ConfigError, match="set --eval_dataset too"):
+        Config(dataset="omniglot", eval_data_dir="/x")
+
+
 # -- whole runs -------------------------------------------------------------------------------
 TINY = dict(way=3, shot=1, query=2, num_filters=4, meta_batch_size=2, num_iterations=2,
             val_tasks=3, eval_tasks=3, eval_every=2, checkpoint_every=1, log_every=1,
@@ -354,3 +431,22 @@ def test_a_folder_run_resumes_bitwise_and_refuses_changed_images(tmp_path):
     out = run(tmp_path / "split", 6)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "The data differs from the data this run was trained on" in out.stderr
+
+
+@pytest.mark.isolated
+def test_cross_domain_evaluation_of_a_trained_run(tmp_path):
+    from maml_tf import api
+    source, target = tmp_path / "source", tmp_path / "target"
+    _ragged_folder(str(source), sizes=(4,) * 9)
+    _ragged_folder(str(target), sizes=(5,) * 9, split_folders=True)
+    config = _config(source, tmp_path / "cache", class_split=(3, 3, 3), **TINY)
+    workdir = str(tmp_path / "run")
+    api.train(config, workdir)
+    out = api.evaluate_workdir(workdir, eval_dataset="folder", eval_data_dir=str(target))
+    assert out["protocol"]["eval_dataset"] == "folder"
+    assert out["protocol"]["eval_data_dir"] == str(target)
+    names = sorted(os.listdir(workdir))
+    assert any(n.endswith("-on-folder-target.json") for n in names), names
+    from maml_tf import report
+    text = report.table([report.read_run(workdir)])
+    assert "tested on folder target" in text and "transductive, 2 queries per class |" in text

@@ -36,7 +36,7 @@ RL_SWITCHES = RLConfig.field_names()
 _OMNIGLOT_ONLY = ("data_source", "split")
 # The switches of the generic image path (data/sources.py); they do not apply to the
 # dedicated Omniglot and mini-ImageNet loaders.
-_GENERIC_ONLY = ("class_split", "split_file", "label_key", "invert_images", "strict_data", "cache_dir")
+GENERIC_ONLY = ("class_split", "split_file", "label_key", "invert_images", "strict_data", "cache_dir")
 _TUPLES = ("eval_shots", "class_split")
 _CONV4_ONLY = ("num_filters", "conv_pool", "norm")
 
@@ -258,7 +258,7 @@ class Config:
             return self.data.dataset == "omniglot"
         if name in ("train_rotations", "eval_rotations"):
             return self.data.dataset == "omniglot" or self.is_generic_images
-        if name in _GENERIC_ONLY:
+        if name in GENERIC_ONLY:
             return self.is_generic_images
         if name in ("image_size", "channels"):
             return self.is_generic_images
@@ -268,6 +268,8 @@ class Config:
             return not self.is_rl
         if name in _CONV4_ONLY:
             return self.model_name == "conv4"
+        if name in ("eval_dataset", "eval_data_dir", "eval_split_file"):
+            return not self.is_rl and not self.is_regression
         if name in ("eval_mode", "eval_queries", "eval_shots", "step_metrics_every"):
             return not self.is_rl
         return True
@@ -320,11 +322,14 @@ class Config:
         if self.grad_clip and self.meta_optimizer == "trpo":
             raise ConfigError("--grad_clip does not apply to TRPO, whose step is bounded by "
                               "--max_kl: drop it.")
-        if self.eval_mode != "transductive" or self.eval_queries:
-            raise ConfigError("--eval_mode and --eval_queries are few-shot evaluation settings; "
-                              "a policy has no queries: drop them.")
+        if self.eval_mode != "transductive" or self.eval_queries or self.eval_dataset:
+            raise ConfigError("--eval_mode, --eval_queries and --eval_dataset are few-shot "
+                              "evaluation settings; a policy has no queries: drop them.")
 
     def _check_supervised(self) -> None:
+        if self.is_regression and self.eval_dataset:
+            raise ConfigError("--eval_dataset evaluates an image classifier on another data "
+                              "set's test classes; it does not apply to --dataset=sinusoid.")
         if self.is_regression and self.model_name == "conv4":
             raise ConfigError("--model=conv4 is an image model but --dataset=sinusoid is 1-D "
                               "regression: use --model=mlp (or auto) with sinusoid.")
@@ -344,7 +349,7 @@ class Config:
         # Not refused with sinusoid, the default: Config(way=5, class_split=(64, 16, 20)) is
         # how Python data is described before maml_tf.train(..., data=...) sets the data set.
         if self.dataset in ("omniglot", "mini_imagenet"):
-            changed = [n for n in _GENERIC_ONLY + ("image_size", "channels")
+            changed = [n for n in GENERIC_ONLY + ("image_size", "channels")
                        if getattr(self, n) != DataConfig.default(n)]
             if changed:
                 raise ConfigError(f"--{changed[0]} configures the generic image path (--dataset="

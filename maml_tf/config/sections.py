@@ -247,6 +247,9 @@ class EvalConfig(Section):
     val_tasks: int = 100
     eval_seed: int = 1234
     eval_every: int = 1000
+    eval_dataset: str = ""
+    eval_data_dir: str = ""
+    eval_split_file: str = ""
 
     def __post_init__(self):
         if not isinstance(self.eval_shots, tuple):
@@ -263,6 +266,12 @@ class EvalConfig(Section):
         at_least("val_tasks", self.val_tasks, 1)
         at_least("eval_seed", self.eval_seed, 0)
         at_least("eval_every", self.eval_every, 1)
+        if self.eval_dataset and not self.eval_dataset.startswith(TFDS_PREFIX):
+            choice("eval_dataset", self.eval_dataset, ("omniglot", "mini_imagenet", "folder",
+                                                       "tfds:<name>"))
+        if (self.eval_data_dir or self.eval_split_file) and not self.eval_dataset:
+            raise ConfigError("--eval_data_dir and --eval_split_file describe the data set of "
+                              "--eval_dataset (cross-domain evaluation): set --eval_dataset too.")
 
 
 @dataclasses.dataclass(frozen=True)
