@@ -13,8 +13,8 @@ mean of the seeds' own test-task CIs beside it; ``--per_seed`` adds each seed's 
     python -m maml_tf.report --all_steps ~/maml_runs    # every run in it; every step / shot
     python -m maml_tf.report --per_seed ~/maml_runs/family   # a sweep: a row per grid point
 
-The paper numbers are the published ones for the same cell (``papers.PAPER``), printed only
-beside a run of the same dataset, way, shot and algorithm.
+Paper numbers (``papers.PAPER``) are printed beside a run of the same data set, way, shot and
+algorithm only.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ class Evaluation:
         q = p.get("queries", "?")
         column = f"{p.get('eval_mode', 'transductive')}, {q} {'query' if q == 1 else 'queries'} per class"
         if p.get("eval_dataset"):   # cross-domain: the test classes of another data set
-            where = os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/"))
-            split = f", {p['eval_split_file']} split" if p.get("eval_split_file") else ""
-            column += f", tested on {p['eval_dataset']}{' ' + where if where else ''}{split}"
+            where = [p["eval_dataset"], os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/")),
+                     f"{p['eval_split_file']} split" if p.get("eval_split_file") else ""]
+            column += ", tested on " + " ".join(w for w in where if w)
         return column
 
     @property
@@ -64,8 +64,8 @@ class Evaluation:
         p = self.protocol
         modes = ("transductive", "support", "per_example")
         mode = p.get("eval_mode", "transductive")
-        return (self.metric, bool(p.get("eval_dataset")), modes.index(mode) if mode in modes else 3,
-                p.get("queries") or 0)
+        rank = modes.index(mode) if mode in modes else 3
+        return (self.metric, bool(p.get("eval_dataset")), rank, p.get("queries") or 0)
 
 
 @dataclasses.dataclass
