@@ -13,8 +13,7 @@ mean of the seeds' own test-task CIs beside it; ``--per_seed`` adds each seed's 
     python -m maml_tf.report --all_steps ~/maml_runs    # every run in it; every step / shot
     python -m maml_tf.report --per_seed ~/maml_runs/family   # a sweep: a row per grid point
 
-Paper numbers (``papers.PAPER``) are printed beside a run of the same data set, way, shot and
-algorithm only.
+Paper numbers (``papers.PAPER``) appear beside runs of their data set, way, shot, algorithm.
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ class Evaluation:
         q = p.get("queries", "?")
         column = f"{p.get('eval_mode', 'transductive')}, {q} {'query' if q == 1 else 'queries'} per class"
         if p.get("eval_dataset"):   # cross-domain: the test classes of another data set
-            where = [p["eval_dataset"], os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/")),
-                     f"{p['eval_split_file']} split" if p.get("eval_split_file") else ""]
+            folder = os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/"))
+            where = [p["eval_dataset"], folder, f"{p.get('eval_split_file')} split" * bool(p.get("eval_split_file"))]
             column += ", tested on " + " ".join(w for w in where if w)
         return column
 

@@ -338,7 +338,6 @@ def test_a_cifar_fs_folder_is_split_by_the_shipped_file_and_tiered_counts_are_ch
 def test_ren_et_al_pickles_are_read_with_their_own_splits(tmp_path):
     import io
     import pickle
-    rng = np.random.RandomState(0)
     root = tmp_path / "tiered"
     root.mkdir()
     for split, classes in (("train", 3), ("val", 2), ("test", 2)):
