@@ -21,10 +21,11 @@ CONSTANT_BYTES = 256 << 20
 
 def gather_fn(classes: ClassImages):
     """``rows int64 [...] -> uint8 [..., H, W, ch]`` over the images of ``classes``: a graph
-    constant for small in-memory splits, a NumPy gather (memory-mapped caches, large arrays)
-    otherwise."""
+    constant for small in-memory splits, a NumPy gather otherwise (large arrays, and the
+    ``RowFile`` of a cache on disk, which reads only the rows a task needs)."""
     images = classes.images
-    if not isinstance(images, np.memmap) and images.nbytes <= CONSTANT_BYTES:
+    if isinstance(images, np.ndarray) and not isinstance(images, np.memmap) and \
+            images.nbytes <= CONSTANT_BYTES:
         constant = tf.constant(images)
         return lambda rows: tf.gather(constant, rows)
     shape = tuple(images.shape[1:])

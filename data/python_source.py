@@ -25,7 +25,7 @@ import hashlib
 
 import numpy as np
 
-from maml_tf.data import folder
+from maml_tf.data import folder, sources
 from maml_tf.data.classes import ClassImages
 from maml_tf.data.errors import DataError
 
@@ -66,11 +66,9 @@ def prepare(data, image_size: int = 0, channels: int = 0, label_key: str = "labe
                         f"keys {sorted(map(str, data))}.")
     else:
         classes, own = _classes(data, image_size, channels, label_key, strict, "data"), None
-    h = hashlib.sha256()
-    for part in (classes.images, classes.starts, classes.counts):
-        h.update(np.ascontiguousarray(part).tobytes())
-    h.update(repr((classes.names, own)).encode())
-    return PythonData(classes, own, h.hexdigest())
+    # Chunked (a ClassImages may be a RowFile larger than memory).
+    content = sources.content_digest(classes)
+    return PythonData(classes, own, hashlib.sha256(repr((content, own)).encode()).hexdigest())
 
 
 def load(data, config):

@@ -9,7 +9,8 @@ Three sources (``--dataset``), one result:
 
 Folders and TFDS data are decoded once into a cache (``--cache_dir``, default
 ``$MAML_TF_CACHE_DIR`` or ``~/.cache/maml_tf``): one uint8 ``.npy`` file per source and
-settings, read back memory-mapped, so a data set larger than memory is sampled from disk.
+settings, read back row by row (``data/rowfile.py``) when larger than 1 GB, so a data set
+larger than memory is sampled from disk without filling the training process.
 The cache records what it was made from (every file's path, size and modification time, or
 the TFDS version); when that changed it is rebuilt, never reused.
 
@@ -37,6 +38,7 @@ from absl import logging
 
 from maml_tf.data.classes import ClassImages
 from maml_tf.data.errors import DataError
+from maml_tf.data.rowfile import RowFile
 
 SPLIT_NAMES = ("train", "val", "test")
 FOLDER_SPLITS = {"train": "train", "val": "val", "validation": "val", "valid": "val",
@@ -83,15 +85,14 @@ def cached(cache_dir: str, where: dict, what: dict, shape: Sequence[int],
     logging.info("Decoding %s into the cache %s ...", where.get("source"), folder)
     tmp = f"{images_path}.{os.getpid()}.tmp"
 
-    def allocate(n: int) -> np.ndarray:
-        return np.lib.format.open_memmap(tmp, "w+", np.uint8, (n,) + tuple(shape))
+    def allocate(n: int) -> RowFile:
+        return RowFile(tmp, (n,) + tuple(shape))
 
     try:
         names, rows, labels = build(allocate)
         starts, counts = _group(rows, labels, len(names))
-        if isinstance(rows, np.memmap):
-            rows.flush()
-        del rows
+        rows.flush()
+        rows.close()
         os.replace(tmp, images_path)
     finally:
         if os.path.exists(tmp):
@@ -145,9 +146,10 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def _open(path: str, index: dict) -> ClassImages:
-    images = np.load(path, mmap_mode="r")
+    images = RowFile(path)
     if images.nbytes <= IN_MEMORY_BYTES:
-        images = np.array(images)
+        images.close()
+        images = np.load(path)
     return ClassImages(images, np.asarray(index["starts"], np.int64),
                        np.asarray(index["counts"], np.int64), tuple(index["names"]))
 

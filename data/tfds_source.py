@@ -17,6 +17,7 @@ import numpy as np
 
 from maml_tf.data import folder, sources
 from maml_tf.data.errors import DataError
+from maml_tf.data.rowfile import RowFile
 
 DECODE_VERSION = 1
 
@@ -59,13 +60,13 @@ def load(config):
                     labels.append(label.decode() if isinstance(label, bytes) else label)
             if not labels:
                 raise DataError(f"TFDS {name} ({everything}) holds no examples.")
-            arrival = np.memmap(staging, np.uint8, "r", shape=(len(labels), size, size, channels))
+            arrival = RowFile.raw(staging, (len(labels), size, size, channels))
             values, class_of = np.unique(np.asarray(labels), return_inverse=True)
             order = np.argsort(class_of, kind="stable")   # a class's examples in data order
             rows = allocate(len(order))
             for start in range(0, len(order), 4096):
                 rows[start:start + 4096] = arrival[order[start:start + 4096]]
-            del arrival
+            arrival.close()
         finally:
             if os.path.exists(staging):
                 os.remove(staging)

@@ -185,3 +185,18 @@ def test_the_family_flagfiles_are_every_omniglot_5w1s_algorithm_at_2000_iteratio
     assert [os.path.basename(p)[:-4] for p in paths] == sorted(c.algorithm for c in configs)
     assert len(configs) == 17 and all(c.num_iterations == 2000 and c.dataset == "omniglot"
                                       and (c.way, c.test_shots) == (5, (1,)) for c in configs)
+
+
+@pytest.mark.parametrize("cfg", sorted(glob.glob(os.path.join(ROOT, "runs", "benchmarks", "*.cfg")) +
+                                       glob.glob(os.path.join(ROOT, "runs", "own_data", "*.cfg"))))
+def test_benchmark_and_own_data_flagfiles_parse_and_name_shipped_splits(cfg, monkeypatch):
+    from maml_tf.data import sources
+    monkeypatch.chdir(ROOT)
+    config, _ = parse([f"--flagfile={os.path.relpath(cfg, ROOT)}"])
+    for name in (config.split_file, config.eval_split_file):
+        if name:
+            lists, counts = sources.read_split_file(name)   # shipped, readable
+            assert lists or counts
+    if "_common" not in cfg and "benchmarks" in cfg:
+        header = open(cfg).read()
+        assert "# Published:" in header and "# Command:" in header and "# Measured here:" in header

@@ -127,6 +127,23 @@ def test_cache_is_reused_rebuilt_when_files_change_and_fingerprint_survives_a_mo
     assert generic.load(config.replace(data_dir=str(moved))).fingerprint == changed.fingerprint
 
 
+def test_a_cache_larger_than_memory_is_read_row_by_row_with_the_same_tasks(tmp_path, monkeypatch):
+    from maml_tf.data.rowfile import RowFile
+    root = tmp_path / "data"
+    _ragged_folder(str(root))
+    config = _config(root, tmp_path / "cache", class_split=(4, 2, 2), way=3, shot=1, query=1)
+    in_memory = generic.load(config).splits["train"]
+    monkeypatch.setattr(sources, "IN_MEMORY_BYTES", 0)
+    on_disk = generic.load(config).splits["train"]
+    assert isinstance(on_disk.images, RowFile) and isinstance(in_memory.images, np.ndarray)
+    np.testing.assert_array_equal(on_disk.contiguous().images, in_memory.contiguous().images)
+    for i in range(4):
+        a = few_shot.sample_task(in_memory, 3, tf.constant(i, tf.int64), 3, 1, 1)
+        b = few_shot.sample_task(on_disk, 3, tf.constant(i, tf.int64), 3, 1, 1)
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u.numpy(), v.numpy())
+
+
 def test_splits_from_folders_split_files_and_seeded_counts(tmp_path):
     root = tmp_path / "data"
     _ragged_folder(str(root), split_folders=True)
