@@ -114,30 +114,47 @@ def atomic_write_json(path: str, obj) -> None:
 SESSIONS_NAME = "sessions.json"
 
 
+class TrainingSession:
+    """This training session's entry of ``sessions.json``: first and last iteration and wall
+    seconds. ``record()`` writes it (after each checkpoint, and when the session ends), so a
+    session killed with ``kill -9`` keeps its time up to its last checkpoint."""
+
+    def __init__(self, workdir: str, start: int):
+        self.path = os.path.join(workdir, SESSIONS_NAME)
+        self.start, self.to_iteration = start, start
+        self.entry: dict = {"from_iteration": start, "to_iteration": start,
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._previous = read_sessions(workdir)
+        self._t0 = time.time()
+
+    def record(self) -> None:
+        if self.to_iteration <= self.start:
+            return
+        self.entry.update(to_iteration=self.to_iteration,
+                          seconds=round(time.time() - self._t0, 1))
+        try:
+            atomic_write_json(self.path, self._previous + [self.entry])
+        except OSError as e:
+            # Never hides why the session ended, nor stops a finished run: the
+            # checkpoints hold the work; only the time record is lost.
+            logging.warning("Could not record this training session in %s (%s).", self.path, e)
+
+
 @contextlib.contextmanager
 def training_session(workdir: str, start: int):
     """Records this training session in ``<workdir>/sessions.json`` when it ends, however it
-    ends (finished, interrupted, failed): first and last iteration and wall seconds. A run
-    resumed over several sessions reports the sum as its training time (``training_time``).
+    ends (finished, interrupted, failed), and at each ``record()`` (the loop calls it after
+    every checkpoint). A run resumed over several sessions reports the sum as its training
+    time (``training_time``).
 
-    Yields a dict whose ``"to_iteration"`` the loop sets after each completed iteration.
+    Yields the ``TrainingSession``, whose ``to_iteration`` the loop sets after each completed
+    iteration.
     """
-    session: dict = {"from_iteration": start, "to_iteration": start,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    t0 = time.time()
+    session = TrainingSession(workdir, start)
     try:
         yield session
     finally:
-        session["seconds"] = round(time.time() - t0, 1)
-        if session["to_iteration"] > start:
-            try:
-                atomic_write_json(os.path.join(workdir, SESSIONS_NAME),
-                                  read_sessions(workdir) + [session])
-            except OSError as e:
-                # Never hides why the session ended, nor stops a finished run: the
-                # checkpoints hold the work; only the time record is lost.
-                logging.warning("Could not record this training session in %s (%s).",
-                                os.path.join(workdir, SESSIONS_NAME), e)
+        session.record()
 
 
 def read_sessions(workdir: str) -> list[dict]:
@@ -275,15 +292,30 @@ def make_manager(checkpoint: tf.train.Checkpoint, directory: str,
             state = tf.train.get_checkpoint_state(directory)
         except Exception:   # noqa: BLE001
             state = None
-        if damaged or state is None or os.path.basename(state.model_checkpoint_path) != \
-                os.path.basename(good):
+        # An index that names its checkpoints by absolute paths (written by earlier versions
+        # after a rebuild) breaks once the workdir is moved: it is rewritten with file names.
+        absolute = state is not None and any(
+            os.path.isabs(p) for p in [state.model_checkpoint_path,
+                                       *state.all_model_checkpoint_paths])
+        if damaged or absolute or state is None or \
+                os.path.basename(state.model_checkpoint_path) != os.path.basename(good):
             kept = sorted((p for p in candidates if _number(p) <= _number(good)), key=_number)
-            tf.compat.v1.train.update_checkpoint_state(directory, good,
-                                                       all_model_checkpoint_paths=kept)
+            _write_index(directory, good, kept)
             logging.warning("The checkpoint index of %s was %s; it now names %s.", directory,
-                            "missing or unreadable" if state is None else "out of date",
-                            os.path.basename(good))
+                            "missing or unreadable" if state is None else
+                            "written with absolute paths" if absolute and not damaged else
+                            "out of date", os.path.basename(good))
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
+
+
+def _write_index(directory: str, latest: str, kept: list[str]) -> None:
+    """The ``checkpoint`` index naming ``kept`` (oldest first) by file name, so that the
+    workdir can move, with their times, so that the manager deletes all but the newest
+    ``max_to_keep`` at its next save (it forgets checkpoints listed without a time)."""
+    tf.compat.v1.train.update_checkpoint_state(
+        directory, os.path.basename(latest),
+        all_model_checkpoint_paths=[os.path.basename(p) for p in kept],
+        all_model_checkpoint_timestamps=[os.path.getmtime(p + ".index") for p in kept])
 
 
 def restore_or_init(manager: tf.train.CheckpointManager) -> int | None:

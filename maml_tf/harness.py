@@ -186,7 +186,7 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
             if problem is not None and config.on_nan == "fail":
                 raise NonFiniteError(f"{problem} The update was not applied and no checkpoint "
                                      "of it was written.")
-            session["to_iteration"] = step
+            session.to_iteration = step
             if stop.requested:
                 r.manager.save(checkpoint_number=step)
                 raise RunInterrupted(stop.requested, step)
@@ -196,6 +196,7 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
                 _validate(r, step, history)
             if schedule.checkpoint(step):
                 r.manager.save(checkpoint_number=step)
+                session.record()   # a kill -9 from here on keeps this session's time
     train_seconds = time.time() - t0
     if stop.requested:   # during the last validation: the final checkpoint is saved
         raise RunInterrupted(stop.requested, config.num_iterations)

@@ -58,6 +58,10 @@ def test_kill_9_mid_run_then_resume_ends_bitwise_identical(tmp_path):
     assert sa == sb == 300 and a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # The killed sessions' time up to their last checkpoint is recorded (not only the last).
+    sessions = json.load(open(os.path.join(killed, "sessions.json")))
+    assert len(sessions) >= 2 and sessions[0]["from_iteration"] == 0, sessions
+    assert sessions[0]["to_iteration"] >= 10 and sessions[-1]["to_iteration"] == 300, sessions
     # The resumed run's results equal the uninterrupted run's.
     ra = json.load(open(os.path.join(straight, "results.json")))["test"]
     rb = json.load(open(os.path.join(killed, "results.json")))["test"]
@@ -220,6 +224,37 @@ def test_a_missing_or_garbled_checkpoint_index_still_resumes(tmp_path):
             == [1, 2, 3, 4, 5, 6]
         left = os.listdir(os.path.join(workdir, "checkpoints"))
         assert not [n for n in left if "_temp" in n or n.startswith("checkpoint.tmp")], left
+
+
+def test_a_moved_workdir_whose_index_holds_absolute_paths_resumes(tmp_path):
+    import shutil
+    base = str(tmp_path / "base")
+    api.train(Config.from_dict({**SMOKE, "checkpoint_every": 1}), base)   # ckpt-2, 3, 4 kept
+    # The index as earlier versions wrote it after a rebuild: absolute paths, here of a
+    # location the workdir was moved away from.
+    old = "/nonexistent/old_place/checkpoints"
+    tf.compat.v1.train.update_checkpoint_state(
+        os.path.join(base, "checkpoints"), f"{old}/ckpt-4",
+        all_model_checkpoint_paths=[f"{old}/ckpt-{i}" for i in (2, 3, 4)])
+    moved = str(tmp_path / "moved")
+    shutil.move(base, moved)
+    results = api.train(Config.from_dict({**SMOKE, "checkpoint_every": 1, "num_iterations": 6}),
+                        moved)
+    assert results["iterations_this_session"] == 2            # resumed at 4
+    index = open(os.path.join(moved, "checkpoints", "checkpoint")).read()
+    paths = [line.split('"')[1] for line in index.splitlines() if "checkpoint_path" in line]
+    assert paths and not [p for p in paths if os.path.sep in p], index   # file names only
+
+
+def test_after_an_index_rebuild_only_the_newest_three_checkpoints_are_kept(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = {**SMOKE, "checkpoint_every": 1}
+    api.train(Config.from_dict(config), workdir)                    # ckpt-2, 3, 4
+    os.remove(os.path.join(workdir, "checkpoints", "checkpoint"))  # rebuilt from the files
+    api.train(Config.from_dict({**config, "num_iterations": 7}), workdir)
+    kept = sorted(os.path.basename(p) for p in
+                  glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index")))
+    assert kept == ["ckpt-5.index", "ckpt-6.index", "ckpt-7.index"], kept
 
 
 def test_no_loadable_checkpoint_is_one_clear_paragraph(tmp_path):
