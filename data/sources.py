@@ -58,15 +58,15 @@ def cache_root(cache_dir: str) -> str:
 
 
 def cached(cache_dir: str, where: dict, what: dict, shape: Sequence[int],
-           build: Callable[[Callable[[int], np.ndarray]], tuple[list[str], np.ndarray, np.ndarray]]
+           build: Callable[[Callable[[int], RowFile]], tuple[list[str], RowFile, np.ndarray]]
            ) -> tuple[ClassImages, str]:
     """The class images of a source, from its cache or built into it.
 
     where: identifies the source and settings (one cache folder per value); what: what the
       source held (file listing, version), the cache's key. shape: ``(H, W, ch)``.
-    build: given ``allocate(n)``, which returns a uint8 ``[n, H, W, ch]`` array on disk, fills
-      one and returns ``(class names, it, class index of each row (-1: leave it out))``; the
-      kept rows must be in class order.
+    build: given ``allocate(n)``, which returns a uint8 ``[n, H, W, ch]`` ``RowFile`` on disk,
+      fills one and returns ``(class names, it, class index of each row (-1: leave it out))``;
+      the kept rows must be in class order.
     Returns the images and their ``content_digest``.
     """
     key = digest(what)
@@ -115,7 +115,7 @@ def content_digest(classes: ClassImages) -> str:
     return h.hexdigest()
 
 
-def _group(rows: np.ndarray, labels: np.ndarray, num_classes: int):
+def _group(rows: RowFile, labels: np.ndarray, num_classes: int):
     """Closes the gaps of left-out rows (label -1) in place; the kept rows must already be in
     class order. A row only moves to a lower index, so none is overwritten before it is read."""
     labels = np.asarray(labels)
