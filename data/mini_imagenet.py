@@ -74,10 +74,7 @@ def _from_pickle(path: str) -> tuple[list[str], np.ndarray]:
 def _from_csv(data_dir: str, csv_path: str) -> tuple[list[str], np.ndarray]:
     from PIL import Image
     groups: dict[str, list[np.ndarray]] = {}
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows or set(rows[0]) != {"filename", "label"}:
-        raise DataError(f"{csv_path} must have the header 'filename,label'.")
+    rows = _read_rows(csv_path)
     for row in rows:
         path = os.path.join(data_dir, "images", row["filename"])
         try:
@@ -88,3 +85,24 @@ def _from_csv(data_dir: str, csv_path: str) -> tuple[list[str], np.ndarray]:
             img = img.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
         groups.setdefault(row["label"], []).append(np.asarray(img))
     return _stack(groups, csv_path)
+
+
+def _read_rows(csv_path: str) -> list[dict]:
+    """The rows of a split's CSV; a ``DataError`` names the line that is not UTF-8 text or
+    lacks a file name or a label."""
+    with open(csv_path, "rb") as f:
+        raw = f.read()
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{csv_path} line {number} is not UTF-8 text ({e.reason} at byte "
+                            f"{e.start}: {line[:60]!r}); fix or remove that line.") from None
+    rows = list(csv.DictReader(raw.decode("utf-8").splitlines()))
+    if not rows or set(rows[0]) != {"filename", "label"}:
+        raise DataError(f"{csv_path} must have the header 'filename,label'.")
+    for number, row in enumerate(rows, 2):   # line 1 is the header
+        if not (row.get("filename") or "").strip() or not (row.get("label") or "").strip():
+            raise DataError(f"{csv_path} line {number} ({','.join(v or '' for v in row.values())!r}) "
+                            "needs a file name and a label: 'filename,label'.")
+    return rows

@@ -41,6 +41,16 @@ def user_errors(verbose: bool):
         raise SystemExit(f"{kind}: {e} (--verbosity=1 shows the traceback)") from None
 
 
+def no_positional(argv: Sequence[str]) -> None:
+    """Exits with one line when the command line holds an argument that is not a flag (absl
+    would print the whole --help before its refusal)."""
+    if len(argv) > 1:
+        extra = " ".join(repr(a) for a in argv[1:])
+        raise SystemExit(f"Unexpected argument{'s' if len(argv) > 2 else ''} {extra}: every "
+                         "setting is a flag, --name=value (quote a value with spaces; "
+                         "--flagfile=PATH reads flags from a file). --help lists the flags.")
+
+
 def argv(values: absl_flags.FlagValues, only: Sequence[str] | None = None) -> list[str]:
     """``sys.argv`` with every ``--flagfile`` expanded (paths relative to the flagfile that
     names them); an unreadable or circular flagfile exits with one line. ``--help`` (``-h``)

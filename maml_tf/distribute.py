@@ -127,7 +127,7 @@ def _local_devices() -> list[str]:
 
 
 def _multi_worker_strategy() -> tf.distribute.Strategy:
-    if "TF_CONFIG" not in os.environ:
+    if not tf_config():
         raise ConfigError("--strategy=multi_worker needs TF_CONFIG in the environment, e.g. "
                           '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                           '"task": {"type": "worker", "index": 0}} on each worker.')
@@ -160,13 +160,40 @@ def _tpu_strategy(address: str) -> tf.distribute.Strategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
+def tf_config() -> dict:
+    """The ``TF_CONFIG`` environment variable, checked: ``{}`` when unset; a ``ConfigError``
+    naming what is wrong when it is not a cluster description this worker belongs to."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return {}
+    example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}\'')
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e}): {raw[:80]!r}. Set it to the "
+                          f"cluster and this worker's task, {example}.") from None
+    cluster, task = (value.get("cluster"), value.get("task")) if isinstance(value, dict) else (None, None)
+    if not isinstance(cluster, dict) or not all(isinstance(v, list) for v in cluster.values()) \
+            or not isinstance(task, dict):
+        raise ConfigError(f"TF_CONFIG needs a \"cluster\" of address lists and this worker's "
+                          f"\"task\", {example}; got {raw[:80]!r}.")
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+        size = len(cluster.get(kind, [])) if isinstance(kind, str) else 0
+        raise ConfigError(f"TF_CONFIG's task {{type: {kind!r}, index: {index!r}}} is not in its "
+                          f"cluster ({', '.join(f'{k}: {len(v)}' for k, v in cluster.items())}): "
+                          f"the index must be 0..{max(size - 1, 0)} of a type the cluster lists.")
+    return value
+
+
 def is_chief() -> bool:
     """True on the worker that owns the workdir (the only one, unless multi-worker)."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    task = tf_config.get("task", {})
+    tf_config_ = tf_config()
+    task = tf_config_.get("task", {})
     return task.get("type", "chief") == "chief" or (
         task.get("type") == "worker" and task.get("index", 0) == 0
-        and "chief" not in tf_config.get("cluster", {}))
+        and "chief" not in tf_config_.get("cluster", {}))
 
 
 def worker_workdir(workdir: str) -> str:
@@ -174,5 +201,5 @@ def worker_workdir(workdir: str) -> str:
     that they never race the chief for the same files."""
     if is_chief():
         return workdir
-    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    task = tf_config()["task"]
     return os.path.join(workdir, "workers", f"{task['type']}-{task['index']}")

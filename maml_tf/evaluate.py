@@ -23,7 +23,7 @@ flags.adopt_module_key_flags(maml_flags)
 
 
 def main(argv):
-    del argv
+    cli.no_positional(argv)
     if not os.path.exists(os.path.join(FLAGS.workdir or "", "config.json")):
         raise SystemExit(f"--workdir={FLAGS.workdir!r} holds no config.json: pass the "
                          "workdir of a run started with maml_tf.train.")

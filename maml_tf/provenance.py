@@ -19,8 +19,11 @@ def git_commit() -> dict | None:
     outside a git checkout (an installed wheel)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        run = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True,
-                                           text=True, timeout=10, check=True).stdout.strip()
+        # --no-optional-locks: `git status` would otherwise take the checkout's index.lock,
+        # and a user's own git command at that moment would fail.
+        run = lambda *args: subprocess.run(["git", "--no-optional-locks", "-C", here, *args],
+                                           capture_output=True, text=True, timeout=10,
+                                           check=True).stdout.strip()
         return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):
         return None

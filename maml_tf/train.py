@@ -18,8 +18,7 @@ flags.adopt_module_key_flags(maml_flags)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.no_positional(argv)
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory that holds this run.")
     with cli.user_errors(verbose=FLAGS.verbosity >= 1):

@@ -19,11 +19,11 @@ FAST = ["--num_iterations=2", "--meta_batch_size=2", "--eval_tasks=4", "--val_ta
         "--eval_every=2", "--checkpoint_every=2"]
 
 
-def _train(tmp_path, *args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MAML_TF_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "maml_tf.train", f"--workdir={tmp_path / 'run'}",
-                           *FAST, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _train(tmp_path, *args, env=None, command="maml_tf.train"):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MAML_TF_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", command, f"--workdir={tmp_path / 'run'}",
+                           *(FAST if command == "maml_tf.train" else []), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -128,3 +128,55 @@ def test_a_file_system_error_is_one_paragraph(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "File system error" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case, env, args, message", [
+    ("seed beyond 32 bits", {}, ["--seed=99999999999999999999"], "--seed=99999999999999999999 is too large"),
+    ("eval_seed beyond 64 bits", {}, ["--eval_seed=36893488147419103232"], "--eval_seed=36893488147419103232 is too large"),
+    ("TF_CONFIG not JSON", {"TF_CONFIG": "{not json"}, [], "TF_CONFIG is not valid JSON"),
+    ("task beyond the cluster", {"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                                              '"task": {"type": "worker", "index": 3}}'},
+     [], "is not in its cluster (worker: 1)"),
+])
+def test_bad_values_of_the_rerun_are_one_paragraph_before_anything_is_written(tmp_path, case, env,
+                                                                               args, message):
+    out = _train(tmp_path, "--dataset=sinusoid", *args, env=env)
+    assert out.returncode != 0 and message in out.stderr, (case, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, case
+    assert not os.path.exists(tmp_path / "run" / "config.json"), case
+
+
+@pytest.mark.parametrize("command", ["maml_tf.train", "maml_tf.evaluate"])
+def test_a_stray_argument_is_one_line_not_the_whole_help(tmp_path, command):
+    out = _train(tmp_path, "stray", command=command)
+    assert out.returncode != 0 and "Unexpected argument 'stray'" in out.stderr, out.stderr[-2000:]
+    assert "--inner_lr" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_git_is_asked_without_taking_the_checkouts_index_lock(monkeypatch):
+    import subprocess as sp
+    from maml_tf import provenance
+    calls = []
+    monkeypatch.setattr(sp, "run", lambda args, **kw: calls.append(args) or sp.CompletedProcess(
+        args, 0, stdout="abc\n", stderr=""))
+    provenance.git_commit.cache_clear()
+    try:
+        assert provenance.git_commit() == {"commit": "abc", "dirty": True}
+    finally:
+        provenance.git_commit.cache_clear()
+    assert calls and all("--no-optional-locks" in c for c in calls), calls
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"n0153282900000005.jpg,n01\xff532829\n", "line 3 is not UTF-8 text"),
+    (b"n0153282900000005.jpg,\n", "line 3 ('n0153282900000005.jpg,') needs a file name and a label"),
+])
+def test_a_bad_mini_imagenet_csv_row_is_named(mini_imagenet_dir, tmp_path, line, message):
+    import shutil
+    from maml_tf.data import mini_imagenet
+    shutil.copytree(mini_imagenet_dir, tmp_path / "mini", symlinks=True)
+    path = tmp_path / "mini" / "val.csv"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2] + [line] + lines[2:]))
+    with pytest.raises(DataError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        mini_imagenet.load_split(str(tmp_path / "mini"), "val")

@@ -264,7 +264,7 @@ class EvalConfig(Section):
         at_least("eval_inner_steps", self.eval_inner_steps, 0, "(0 means inner_steps)")
         at_least("eval_tasks", self.eval_tasks, 1)
         at_least("val_tasks", self.val_tasks, 1)
-        at_least("eval_seed", self.eval_seed, 0)
+        at_most("eval_seed", self.eval_seed, 2 ** 63 - 1, "(a 64-bit seed)")
         at_least("eval_every", self.eval_every, 1)
         if self.eval_dataset and not self.eval_dataset.startswith(TFDS_PREFIX):
             choice("eval_dataset", self.eval_dataset, ("omniglot", "mini_imagenet", "folder",
@@ -290,7 +290,7 @@ class RunConfig(Section):
 
     def check(self) -> None:
         choice("strategy", self.strategy, STRATEGIES)
-        at_least("seed", self.seed, 0)
+        at_most("seed", self.seed, 2 ** 32 - 1, "(Keras seeds its generators with 32 bits)")
         at_least("cpu_devices", self.cpu_devices, 0, "(0 keeps one CPU device)")
         for name in ("log_every", "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
@@ -359,6 +359,14 @@ def at_least(name: str, value: int, low: int, note: str = "") -> None:
     if not isinstance(value, int) or value < low:
         raise ConfigError(f"--{name}={value!r} is invalid: it must be an integer >= {low} "
                           f"{note}".rstrip() + ".")
+
+
+def at_most(name: str, value: int, high: int, note: str = "") -> None:
+    """An integer from 0 to ``high``."""
+    at_least(name, value, 0)
+    if value > high:
+        raise ConfigError(f"--{name}={value} is too large: it must be at most {high} {note}"
+                          .rstrip() + ".")
 
 
 def positive(name: str, value: float, allow_zero: bool = False) -> None:
