@@ -132,7 +132,8 @@ def test_a_file_system_error_is_one_paragraph(tmp_path):
 
 @pytest.mark.parametrize("case, env, args, message", [
     ("seed beyond 32 bits", {}, ["--seed=99999999999999999999"], "--seed=99999999999999999999 is too large"),
-    ("eval_seed beyond 64 bits", {}, ["--eval_seed=36893488147419103232"], "--eval_seed=36893488147419103232 is too large"),
+    ("eval_seed beyond 64 bits", {}, ["--eval_seed=36893488147419103232"],
+     "--eval_seed=36893488147419103232 is too large"),
     ("TF_CONFIG not JSON", {"TF_CONFIG": "{not json"}, [], "TF_CONFIG is not valid JSON"),
     ("task beyond the cluster", {"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, '
                                               '"task": {"type": "worker", "index": 3}}'},
