@@ -29,11 +29,28 @@ _KINDS = ((InexactModelError, "Model error"), (ConfigError, "Configuration error
 def user_errors(verbose: bool):
     """Turns the errors of ``_KINDS`` into ``SystemExit`` with one paragraph (re-raised as
     they are when ``verbose``) and ``RunInterrupted`` into its exit code."""
+    import tensorflow as tf   # the entry points have imported it already
     try:
         yield
     except RunInterrupted as e:
         print(e, file=sys.stderr)
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt as e:
+        # A second SIGINT / SIGTERM (harness.StopSignals) or Ctrl-C before the handlers.
+        if verbose:
+            raise
+        print(f"Stopped at once ({e or 'interrupted'}), without a checkpoint of the iteration in "
+              "progress: the latest checkpoint is intact, and the same command resumes from it.",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except tf.errors.ResourceExhaustedError as e:
+        if verbose:
+            raise
+        raise SystemExit(
+            f"Out of resources: {e.message.strip().splitlines()[0][:300]}. If a disk is full, free "
+            "space and run the same command: a checkpoint cut short is never the one resumed "
+            "from (the previous one is kept). If memory ran out, lower --meta_batch_size or "
+            "use --task_chunks / --inner_recompute. (--verbosity=1 shows the traceback)") from None
     except tuple(k for k, _ in _KINDS) as e:
         if verbose:
             raise

@@ -181,3 +181,19 @@ def test_a_bad_mini_imagenet_csv_row_is_named(mini_imagenet_dir, tmp_path, line,
     path.write_bytes(b"".join(lines[:2] + [line] + lines[2:]))
     with pytest.raises(DataError, match=message.replace("(", "\\(").replace(")", "\\)")):
         mini_imagenet.load_split(str(tmp_path / "mini"), "val")
+
+
+def test_a_full_disk_and_a_second_interrupt_end_in_one_paragraph(capsys):
+    import tensorflow as tf
+    from maml_tf import cli
+    with pytest.raises(SystemExit) as e:
+        with cli.user_errors(verbose=False):
+            raise tf.errors.ResourceExhaustedError(None, None, "ckpt-7_temp/part-00000: No space "
+                                                   "left on device")
+    assert "Out of resources: ckpt-7_temp/part-00000: No space left on device" in str(e.value.code)
+    assert "free space and run the same command" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        with cli.user_errors(verbose=False):
+            raise KeyboardInterrupt("second SIGINT: stopping at once")
+    assert e.value.code == 130
+    assert "Stopped at once (second SIGINT: stopping at once)" in capsys.readouterr().err
