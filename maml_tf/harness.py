@@ -61,11 +61,13 @@ class RunInterrupted(Exception):
 
 class StopSignals:
     """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the iteration in
-    progress, which is then checkpointed; a second signal stops at once. Handlers can only
-    be installed in the main thread; elsewhere signals keep their usual effect."""
+    progress, which is then checkpointed; a second signal stops at once, and so does the
+    first during the final evaluation (``at_once``). Handlers can only be installed in the
+    main thread; elsewhere signals keep their usual effect."""
 
     def __enter__(self) -> "StopSignals":
         self.requested: int | None = None
+        self._at_once: int | None = None
         self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -75,9 +77,17 @@ class StopSignals:
     def _handle(self, signum, frame):
         if self.requested is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        if self._at_once is not None:   # nothing left to checkpoint: stop now
+            self.requested = signum
+            raise RunInterrupted(signum, self._at_once)
         self.requested = signum
         logging.warning("%s received: stopping after this iteration (send it again to stop at "
                         "once, without a checkpoint).", signal.Signals(signum).name)
+
+    def at_once(self, step: int) -> None:
+        """From now on (the final evaluation: training ended with checkpoint ``ckpt-step``), a
+        stop signal stops at once, and the same command evaluates again."""
+        self._at_once = step
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -201,6 +211,9 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
     if stop.requested:   # during the last validation: the final checkpoint is saved
         raise RunInterrupted(stop.requested, config.num_iterations)
     # -- 5. Final evaluation --------------------------------------------------------------
+    stop.at_once(config.num_iterations)
+    logging.info("Final evaluation of ckpt-%d (a stop signal now ends it at once; the same "
+                 "command evaluates again).", config.num_iterations)
     return final_evaluation(r, train_seconds, start)
 
 

@@ -298,3 +298,31 @@ def test_files_outside_the_workdir_and_permissions(tmp_path):
     assert os.listdir(home) == [".cache"] and os.listdir(home / ".cache") == ["maml_tf"]
     for name in ("config.json", "flags.cfg", "history.json", "results.json"):
         assert os.stat(workdir / name).st_mode & 0o777 == 0o644, name
+
+
+def test_sigterm_during_the_final_evaluation_stops_it_and_the_same_command_evaluates_again(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["--dataset=sinusoid", "--num_iterations=2", "--meta_batch_size=50", "--log_every=1",
+            "--eval_every=2", "--checkpoint_every=2", "--val_tasks=50", "--eval_tasks=200000"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "maml_tf.train", f"--workdir={workdir}"] + args,
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    for line in proc.stderr:   # until the final evaluation starts
+        seen.append(line)
+        if "Final evaluation of ckpt-2" in line:
+            break
+    assert proc.poll() is None, "".join(seen)[-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
+    assert time.time() - t0 < 30 and "Stopped by SIGTERM after iteration 2" in rest
+    assert "Traceback" not in rest and not os.path.exists(os.path.join(workdir, "results.json"))
+    again = subprocess.run([sys.executable, "-m", "maml_tf.train", f"--workdir={workdir}"] +
+                           args[:-1] + ["--eval_tasks=100"], cwd=ROOT, env=env, text=True,
+                           capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.load(open(os.path.join(workdir, "results.json")))["protocol"]["num_tasks"] == 100
