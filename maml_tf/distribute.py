@@ -12,6 +12,7 @@ import glob
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from maml_tf.config import ConfigError
@@ -68,8 +69,34 @@ def choose_task_chunks(config, model, strategy: tf.distribute.Strategy) -> int:
     if per_task <= 0:
         return 1
     budget = cpu_cache_bytes() // 4
-    fits = [d for d in range(1, tasks + 1) if tasks % d == 0 and d * per_task <= budget]
+    fits = [d for d in divisors(tasks) if d * per_task <= budget]
     return tasks // max(fits) if fits else 1
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` >= 1, ascending, in O(sqrt(n)) (a loop to n hung for minutes on a
+    mistyped --meta_batch_size=1000000000)."""
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def check_memory(config) -> None:
+    """Refuses a meta-batch whose input tensors alone exceed this machine's memory, before
+    anything is written (with a mistyped --meta_batch_size the pipeline would otherwise
+    grind for minutes before running out)."""
+    if config.is_rl:
+        return
+    per_example = 1 if config.is_regression else int(np.prod(config.image_shape))
+    needed = config.meta_batch_size * examples_per_task(config) * per_example * 4   # float32
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > total:
+        raise ConfigError(f"--meta_batch_size={config.meta_batch_size} needs {needed / 2**30:,.0f} GiB "
+                          f"for one meta-batch's inputs alone ({examples_per_task(config)} examples "
+                          f"per task), more than this machine's {total / 2**30:.0f} GiB: lower "
+                          "--meta_batch_size (or the shots and queries).")
 
 
 def examples_per_task(config) -> int:

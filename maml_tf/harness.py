@@ -123,6 +123,7 @@ def build(family: FamilyFactory, config: Config, workdir: str, overwrite: bool =
     or a built ``keras.Model``; see ``train``. write_config: check the workdir against
     ``config`` and write config.json / flags.cfg (False: evaluation, which only reads).
     """
+    distribute.check_memory(config)   # before anything is built or written
     config, model_fn = _with_model(config, model)
     tasks = family(config)
     strategy = distribute.make_strategy(config)

@@ -135,6 +135,8 @@ def test_a_file_system_error_is_one_paragraph(tmp_path):
     ("eval_seed beyond 64 bits", {}, ["--eval_seed=36893488147419103232"],
      "--eval_seed=36893488147419103232 is too large"),
     ("TF_CONFIG not JSON", {"TF_CONFIG": "{not json"}, [], "TF_CONFIG is not valid JSON"),
+    ("a meta-batch larger than memory", {}, ["--meta_batch_size=1000000000"],
+     "--meta_batch_size=1000000000 needs 41 GiB for one meta-batch's inputs alone"),
     ("task beyond the cluster", {"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, '
                                               '"task": {"type": "worker", "index": 3}}'},
      [], "is not in its cluster (worker: 1)"),
