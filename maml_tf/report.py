@@ -52,8 +52,8 @@ class Evaluation:
         q = p.get("queries", "?")
         column = f"{p.get('eval_mode', 'transductive')}, {q} {'query' if q == 1 else 'queries'} per class"
         if p.get("eval_dataset"):   # cross-domain: the test classes of another data set
-            folder = os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/"))
-            where = [p["eval_dataset"], folder, f"{p.get('eval_split_file')} split" * bool(p.get("eval_split_file"))]
+            where = [p["eval_dataset"], os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/")),
+                     f"{p.get('eval_split_file')} split" * bool(p.get("eval_split_file"))]
             column += ", tested on " + " ".join(w for w in where if w)
         return column
 
@@ -152,9 +152,7 @@ def read_run(workdir: str) -> RunRecord:
 
 def _name(config: dict, iterations: int) -> str:
     """The algorithm as the tables name it, with the switches that change what it is."""
-    name = config.get("algorithm", "?")
-    if config.get("oracle"):
-        name = "oracle"
+    name = "oracle" if config.get("oracle") else config.get("algorithm", "?")
     if config.get("bnrs"):
         name += " (BNRS)"
     if iterations == 0:
@@ -164,7 +162,8 @@ def _name(config: dict, iterations: int) -> str:
 
 def _cell(config: dict, shot_key: str) -> str:
     dataset = str(config.get("dataset", "?"))
-    dataset = DATASET_NAMES.get(dataset, dataset)
+    folder = os.path.basename(str(config.get("data_dir") or "").rstrip("/")) * (dataset == "folder")
+    dataset = DATASET_NAMES.get(dataset, dataset) + (f" {folder}" if folder else "")
     if not shot_key:
         return dataset
     shot = shot_key.replace("shot", "")
