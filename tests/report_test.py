@@ -142,10 +142,10 @@ def test_a_session_that_cannot_be_recorded_neither_fails_nor_hides_why_it_ended(
         raise PermissionError(13, "Permission denied", path)
     monkeypatch.setattr(checkpointing, "atomic_write_json", refuse)
     with checkpointing.training_session(str(tmp_path), 0) as session:   # a finished session
-        session["to_iteration"] = 3
+        session.to_iteration = 3
     assert "Could not record this training session" in caplog.text
     with pytest.raises(KeyboardInterrupt):                               # an interrupted one
         with checkpointing.training_session(str(tmp_path), 0) as session:
-            session["to_iteration"] = 1
+            session.to_iteration = 1
             raise KeyboardInterrupt
     assert checkpointing.read_sessions(str(tmp_path)) == []
