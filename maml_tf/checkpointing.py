@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import glob
 import json
+import logging as std_logging
 import os
 import re
 import shutil
@@ -30,6 +31,15 @@ RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every
 
 
 LOCK_NAME = ".lock"
+
+
+def _not_saver_noise(record: std_logging.LogRecord) -> bool:
+    # TensorFlow's saver logs "Sharding callback duration: N microseconds" at INFO on every
+    # checkpoint, which says nothing to a user and buries the run's own lines.
+    return not record.getMessage().startswith("Sharding callback duration")
+
+
+logging.get_absl_logger().addFilter(_not_saver_noise)   # TF's saver logs through absl
 
 
 class WorkdirBusyError(ConfigError):

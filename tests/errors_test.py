@@ -199,3 +199,10 @@ def test_a_full_disk_and_a_second_interrupt_end_in_one_paragraph(capsys):
             raise KeyboardInterrupt("second SIGINT: stopping at once")
     assert e.value.code == 130
     assert "Stopped at once (second SIGINT: stopping at once)" in capsys.readouterr().err
+
+
+def test_checkpoint_saves_do_not_print_the_savers_noise(tmp_path):
+    out = _train(tmp_path, "--dataset=sinusoid", "--checkpoint_every=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Results of checkpoint ckpt-2" in out.stderr
+    assert "Sharding callback duration" not in out.stderr
