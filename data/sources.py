@@ -8,7 +8,7 @@ Three sources (``--dataset``), one result:
   data=...)`` (``data/python_source.py``).
 
 Folders and TFDS data are decoded once into a cache (``--cache_dir``, default
-``$MAML_TF_CACHE_DIR`` or ``~/.cache/maml_tf``): one uint8 ``.npy`` file per source and
+``data/`` in ``$MAML_TF_CACHE``, default ``~/.cache/maml_tf``): one uint8 ``.npy`` file per source and
 settings, read back row by row (``data/rowfile.py``) when larger than 1 GB, so a data set
 larger than memory is sampled from disk without filling the training process.
 The cache records what it was made from (every file's path, size and modification time, or
@@ -53,8 +53,14 @@ def digest(value: Any) -> str:
 
 
 def cache_root(cache_dir: str) -> str:
-    return (cache_dir or os.environ.get("MAML_TF_CACHE_DIR") or
-            os.path.join(os.path.expanduser("~"), ".cache", "maml_tf"))
+    """``--cache_dir``, else ``data/`` in maml_tf's cache folder (``$MAML_TF_CACHE``, else
+    ``$XDG_CACHE_HOME/maml_tf`` or ``~/.cache/maml_tf``, as ``maml_tf/__init__.py`` uses)."""
+    if cache_dir:
+        return cache_dir
+    root = os.environ.get("MAML_TF_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "maml_tf")
+    return os.path.join(root, "data")
 
 
 def cached(cache_dir: str, where: dict, what: dict, shape: Sequence[int],

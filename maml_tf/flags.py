@@ -67,7 +67,8 @@ flags.DEFINE_bool("invert_images", _D.invert_images, "Folder, TFDS and Python da
 flags.DEFINE_bool("strict_data", _D.strict_data, "Refuse an unreadable image file instead of "
                   "skipping it with a warning.")
 flags.DEFINE_string("cache_dir", _D.cache_dir, "Where folder and TFDS data are decoded once "
-                    "(read back memory-mapped); empty: $MAML_TF_CACHE_DIR, else ~/.cache/maml_tf.")
+                    "(read back row by row when large); empty: $MAML_TF_CACHE/data, default "
+                    "~/.cache/maml_tf/data.")
 flags.DEFINE_integer("way", _D.way, "Classes per task (N).")
 flags.DEFINE_integer("shot", _D.shot, "Support examples per class (K), or support points "
                      "per sinusoid task.")

@@ -16,10 +16,11 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Never probe the network from tests: TFDS sources report "offline" at once.
 os.environ["MAML_TF_OFFLINE"] = "1"
-# Folder and TFDS data decoded by tests go to a cache of this session, not ~/.cache/maml_tf.
-if "MAML_TF_CACHE_DIR" not in os.environ:   # isolated child processes inherit the parent's
-    os.environ["MAML_TF_CACHE_DIR"] = tempfile.mkdtemp(prefix="maml_tf_test_cache_")
-    atexit.register(shutil.rmtree, os.environ["MAML_TF_CACHE_DIR"], ignore_errors=True)
+# Folder and TFDS data decoded by tests (and Keras' and matplotlib's files) go to a cache folder
+# of this session, not ~/.cache/maml_tf.
+if "MAML_TF_CACHE" not in os.environ:   # isolated child processes inherit the parent's
+    os.environ["MAML_TF_CACHE"] = tempfile.mkdtemp(prefix="maml_tf_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["MAML_TF_CACHE"], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNIGLOT_DIR = os.environ.get("MAML_TF_DATA_DIR") or os.path.join(
