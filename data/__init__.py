@@ -187,8 +187,11 @@ def eval_batch_size(num_tasks: int, preferred: int, multiple_of: int = 1) -> int
     """Largest divisor of ``num_tasks`` not above ``preferred`` that ``multiple_of`` (the
     replica count) divides: every batch is full, so the compiled step keeps one shape and
     no task is dropped or repeated."""
-    sizes = [b for b in range(multiple_of, max(preferred, multiple_of) + 1, multiple_of)
-             if num_tasks % b == 0]
+    # Over the divisors of num_tasks, not every integer up to `preferred`, which a mistyped
+    # --meta_batch_size can make huge.
+    small = [d for d in range(1, int(num_tasks ** 0.5) + 1) if num_tasks % d == 0]
+    sizes = sorted(b for b in set(small + [num_tasks // d for d in small])
+                   if b % multiple_of == 0 and b <= max(preferred, multiple_of))
     if not sizes:
         raise ValueError(f"{num_tasks} evaluation tasks cannot be split evenly over "
                          f"{multiple_of} replicas; use a multiple of {multiple_of}.")

@@ -195,3 +195,12 @@ def test_input_pipelines_split_each_meta_batch_without_overlap():
         assert all(p.shape[0] == 2 for p in parts)
         np.testing.assert_array_equal(np.concatenate(parts), whole)
         assert not np.array_equal(parts[0], parts[1])
+
+
+def test_the_evaluation_batch_is_found_among_divisors_even_for_a_huge_meta_batch():
+    import time
+    t0 = time.perf_counter()
+    assert data_lib.eval_batch_size(600, 10 ** 8) == 600   # was a loop over 10^8 integers
+    assert time.perf_counter() - t0 < 1.0
+    assert [data_lib.eval_batch_size(600, p) for p in (25, 32, 1)] == [25, 30, 1]
+    assert data_lib.eval_batch_size(600, 7, multiple_of=2) == 6
