@@ -94,7 +94,10 @@ class SupervisedFamily(TaskFamily):
 
     # -- set-up -------------------------------------------------------------------------
     def make_model(self, config: Config, model_fn: Callable | None) -> keras.Model:
-        return network(config, model_fn=model_fn)
+        model = network(config, model_fn=model_fn)
+        if not config.is_regression and not config.is_metric_learner:
+            _warn_if_probabilities(model)
+        return model
 
     def make_learner(self, config: Config, model: keras.Model) -> MetaLearner:
         num_classes = None
@@ -286,6 +289,21 @@ def results_name(config: Config, step: int) -> str:
     return (f"results-step{step}-{config.eval_tasks}tasks-{config.test_inner_steps}steps-"
             f"{shots}shot-{config.test_queries}queries-{config.eval_mode}-seed{config.eval_seed}"
             f"{where}")
+
+
+def _warn_if_probabilities(model: keras.Model) -> None:
+    """The learners take logits (softmax cross-entropy): a network that ends in a softmax or
+    sigmoid trains on squashed outputs and its gradients vanish. Keras warns the same way."""
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    last = layers[-1] if layers else None
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", "") if activation is not None else ""
+    if last is not None and (isinstance(last, keras.layers.Softmax) or name in ("softmax", "sigmoid")):
+        logging.warning("The model's last layer '%s' (%s) outputs %s, but the learners expect "
+                        "logits (they apply softmax cross-entropy themselves): drop its "
+                        "activation, or the meta-gradients will be squashed.", last.name,
+                        type(last).__name__, "probabilities" if name != "sigmoid" else
+                        "sigmoid values")
 
 
 def _check_same_data(workdir: str, splits: dict) -> None:

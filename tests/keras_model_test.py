@@ -584,3 +584,22 @@ def test_loading_a_model_file_never_starts_the_run_in_it(tmp_path):
     assert fn((1,), 1).output_shape == (None, 1)
     assert not workdir.exists()
     assert model_spec(fn) == f"{tmp_path / 'script.py'}:mlp"
+
+
+def softmax_model(input_shape, num_outputs):
+    import keras
+    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                             keras.layers.Dense(num_outputs, activation="softmax", name="probs")])
+
+
+def test_a_model_that_ends_in_a_softmax_is_warned_about(tmp_path, caplog):
+    from maml_tf import api
+    from maml_tf.config import Config
+    config = Config(dataset="omniglot", way=3, meta_batch_size=2, jit_compile=False)
+    with caplog.at_level("WARNING"):
+        api.build(config, str(tmp_path / "run"), model=softmax_model)
+    assert "last layer 'probs' (Dense) outputs probabilities" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        api.build(config, str(tmp_path / "zoo"))
+    assert "outputs probabilities" not in caplog.text
