@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -33,3 +34,23 @@ class Episode(NamedTuple):
     @property
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
+
+
+def to_tensor(value) -> tf.Tensor:
+    """A tensor of ``value`` (a ``tf.Tensor``, numpy array or nested Python list): floats as
+    float32 (numpy's default float64 would not meet the network's float32 weights), integers
+    (labels) as int32, as the episode pipelines give them; tensors are left as they are."""
+    if isinstance(value, (tf.Tensor, tf.Variable)) or tf.is_symbolic_tensor(value):
+        return value
+    array = np.asarray(value)
+    if np.issubdtype(array.dtype, np.floating):
+        return tf.constant(array, tf.float32)
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return tf.constant(array.astype(np.int32))
+    return tf.convert_to_tensor(array)
+
+
+def as_episode(episode) -> Episode:
+    """``episode`` with every field a tensor (``to_tensor``): numpy arrays and lists are
+    accepted wherever an ``Episode`` is."""
+    return Episode(*[None if v is None else to_tensor(v) for v in episode])

@@ -26,7 +26,7 @@ import tensorflow as tf
 import keras
 
 from maml_tf import losses
-from maml_tf.data.episode import Episode
+from maml_tf.data.episode import Episode, as_episode, to_tensor
 from maml_tf.models.functional import (FunctionalModel, inference, tile_for_tasks,
                                        with_support_statistics)
 
@@ -150,7 +150,7 @@ class MetaLearner(tf.Module):
         ``tf.GradientTape`` watching the meta-weights, they carry the second-order path.
         """
         weights = self.meta_weights() if weights is None else list(weights)
-        x, y = tf.convert_to_tensor(support_x), tf.convert_to_tensor(support_y)
+        x, y = to_tensor(support_x), to_tensor(support_y)
         return self.inner_loop(weights, x, y, self.inner_steps if steps is None else steps)[-1]
 
     def predict(self, fast_weights: Sequence[tf.Tensor], x, step: int | None = None) -> tf.Tensor:
@@ -158,7 +158,7 @@ class MetaLearner(tf.Module):
         (from ``adapt``). ``step``: the inner step they come from (MAML++'s per-step norm
         weights; default ``inner_steps``)."""
         extra = self.split(self.meta_weights())[1]
-        return self.forward_at(list(fast_weights), tf.convert_to_tensor(x), extra,
+        return self.forward_at(list(fast_weights), to_tensor(x), extra,
                                self.inner_steps if step is None else step)
 
     def meta_gradient(self, episode: Episode, steps: int | None = None,
@@ -168,7 +168,7 @@ class MetaLearner(tf.Module):
         ``meta_variables``, ready for ``optimizer.apply(grads, learner.meta_variables)``."""
         weights = self.meta_weights() if weights is None else list(weights)
         steps = self.inner_steps if steps is None else steps
-        loss, grads, _ = self.meta_step(weights, episode, steps, iteration)
+        loss, grads, _ = self.meta_step(weights, as_episode(episode), steps, iteration)
         return loss, grads[:len(self.meta_variables)]
 
     def evaluate(self, episode: Episode, steps: int | None = None) -> StepMetrics:
@@ -176,7 +176,7 @@ class MetaLearner(tf.Module):
         default ``inner_steps``), in evaluation mode (dropout off), without the second-order
         path."""
         with inference():
-            return self.eval_metrics(self.meta_weights(), episode,
+            return self.eval_metrics(self.meta_weights(), as_episode(episode),
                                      self.inner_steps if steps is None else steps)
 
     def eval_metrics_in_mode(self, weights: Sequence[tf.Tensor], episode: Episode, steps: int,
@@ -192,6 +192,7 @@ class MetaLearner(tf.Module):
         """
         if mode not in EVAL_MODES:
             raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}.")
+        episode = as_episode(episode)
         if mode == "transductive":
             return self.eval_metrics(weights, episode, steps)
         if mode == "support" and not self.normalises_queries_with_support:
@@ -221,7 +222,7 @@ class MetaLearner(tf.Module):
             raise ValueError(f"{type(self).__name__} does not predict queries from adapted "
                              "fast weights; use evaluate().")
         steps = self.inner_steps if steps is None else steps
-        weights = self.meta_weights()
+        weights, episode = self.meta_weights(), as_episode(episode)
         with inference():
             fast = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
                                    first_order=True)[-1]

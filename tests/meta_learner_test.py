@@ -260,3 +260,28 @@ class MixedPrecisionTest(tf.test.TestCase):
             # Measured: cosine 0.96 (bfloat16) and 0.95 (float16) on this random episode; a
             # wrong cast (e.g. a lost second-order path) gives far lower agreement.
             self.assertGreater(cosine, 0.9, dtype)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "protonet", "snail"])
+def test_numpy_arrays_and_lists_are_accepted_wherever_an_episode_is(algorithm):
+    # numpy's default float64 images and int64 labels, as a user has them: once a crash in
+    # losses.py ('numpy.dtypes.Int32DType' object has no attribute 'is_integer').
+    from maml_tf.algorithms import build_learner
+    from maml_tf.config import Config
+    config = Config(dataset="omniglot", way=3, shot=1, query=2, num_filters=4,
+                    algorithm=algorithm)
+    learner = build_learner(config, zoo.conv4((28, 28, 1), 3, filters=4))
+    rng = np.random.default_rng(0)
+    as_numpy = Episode(rng.uniform(size=(2, 3, 28, 28, 1)), np.tile(np.arange(3), (2, 1)),
+                       rng.uniform(size=(2, 6, 28, 28, 1)), np.tile(np.repeat(np.arange(3), 2), (2, 1)))
+    as_tensors = Episode(*[tf.constant(v, tf.float32 if v.dtype.kind == "f" else tf.int32)
+                           for v in as_numpy[:4]])
+    loss_a, grads_a = learner.meta_gradient(as_numpy)
+    loss_b, grads_b = learner.meta_gradient(as_tensors)
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+    np.testing.assert_allclose(learner.evaluate(as_numpy).accuracy.numpy(),
+                               learner.evaluate(as_tensors).accuracy.numpy())
+    if algorithm == "maml":   # adapt / predict take lists too
+        fast = learner.adapt(as_numpy.support_x.tolist(), as_numpy.support_y.tolist())
+        np.testing.assert_allclose(learner.predict(fast, as_numpy.query_x).numpy(),
+                                   learner.predict(fast, as_tensors.query_x).numpy(), rtol=1e-5)
