@@ -80,11 +80,14 @@ def fingerprint_files(files: Iterable[str]) -> list:
     return out
 
 
-def _read(path: str, channels: int):
+def _read(path: str, channels: int, box=None):
     from PIL import Image
     try:
         with Image.open(path) as img:
             mode, size = img.mode, img.size
+            if box is not None:   # (x, y, width, height) in pixels, as CUB's boxes
+                x, y, w, h = box
+                img = img.crop((int(round(x)), int(round(y)), int(round(x + w)), int(round(y + h))))
             pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"))
     except Exception as e:   # Pillow raises many types (OSError, SyntaxError, ValueError...)
         return path, None, f"{type(e).__name__}: {e}"
@@ -92,9 +95,10 @@ def _read(path: str, channels: int):
 
 
 def decode(files: Sequence[str], image_size: int, channels: int, invert: bool, strict: bool,
-           out: np.ndarray, threads: int = 8) -> np.ndarray:
-    """Decodes ``files`` into the rows of ``out`` (uint8 ``[N, S, S, ch]``, possibly a memory
-    map) and returns the bool ``[N]`` mask of the files that were read."""
+           out, threads: int = 8, boxes: dict | None = None) -> np.ndarray:
+    """Decodes ``files`` into the rows of ``out`` (uint8 ``[N, S, S, ch]``: an array or a
+    ``RowFile``) and returns the bool ``[N]`` mask of the files that were read. boxes: ``{path:
+    (x, y, width, height)}`` to crop each image to first (``read_boxes``)."""
     ok = np.zeros(len(files), bool)
     bad: list[str] = []
     modes: set = set()
@@ -103,7 +107,8 @@ def decode(files: Sequence[str], image_size: int, channels: int, invert: bool, s
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(files), block):
             for i, (path, pixels, info) in enumerate(
-                    pool.map(lambda p: _read(p, channels), files[start:start + block]), start):
+                    pool.map(lambda p: _read(p, channels, boxes[p] if boxes else None),
+                             files[start:start + block]), start):
                 if pixels is None:
                     if strict:
                         raise DataError(f"cannot read the image {path} ({info}); remove or "
@@ -156,3 +161,34 @@ def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
     rgb = images.astype(np.float64)
     gray = rgb[..., 0] * 299 / 1000 + rgb[..., 1] * 587 / 1000 + rgb[..., 2] * 114 / 1000
     return np.round(gray)[..., None].astype(np.uint8)
+
+
+def read_boxes(root: str, files: Sequence[str]) -> dict:
+    """CUB-200-2011's bounding boxes, ``{absolute path: (x, y, width, height)}`` for
+    ``files``: ``images.txt`` (``<id> <class>/<file>``) and ``bounding_boxes.txt`` (``<id> x y
+    width height``), in ``root`` or its parent (the release has them beside ``images/``)."""
+    from maml_tf.data.errors import DataError
+    for base in (root, os.path.dirname(root.rstrip("/"))):
+        paths = [os.path.join(base, n) for n in ("images.txt", "bounding_boxes.txt")]
+        if all(os.path.exists(p) for p in paths):
+            break
+    else:
+        raise DataError(f"--crop_to_boxes needs CUB-200-2011's images.txt and "
+                        f"bounding_boxes.txt in {root} or its parent folder; neither has both.")
+    try:
+        with open(paths[0]) as f:
+            names = dict(line.split(maxsplit=1) for line in f if line.strip())
+        with open(paths[1]) as f:
+            boxes = {i: tuple(float(v) for v in rest.split()) for i, rest in
+                     (line.split(maxsplit=1) for line in f if line.strip())}
+    except ValueError as e:
+        raise DataError(f"{paths[0]} or {paths[1]} is malformed ({e}): each line must be "
+                        "'<id> <path>' and '<id> <x> <y> <width> <height>'.") from None
+    by_path = {os.path.normpath(os.path.join(root, n.strip())): boxes.get(i)
+               for i, n in names.items()}
+    missing = [f for f in files if by_path.get(os.path.normpath(f)) is None]
+    if missing:
+        raise DataError(f"--crop_to_boxes: {len(missing)} image(s) have no bounding box in "
+                        f"{paths[1]}, e.g. {missing[0]}; images.txt names them relative to "
+                        f"{root}.")
+    return {f: by_path[os.path.normpath(f)] for f in files}

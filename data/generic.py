@@ -55,16 +55,19 @@ def _folder(config):
     size, _, channels = config.image_shape
     flat = [f for fs in files for f in fs]
     row_class = np.repeat(np.arange(len(names)), [len(fs) for fs in files])
+    boxes = folder.read_boxes(root, flat) if config.crop_to_boxes else None
     where = {"source": f"folder {root}", "size": size, "channels": channels,
              "invert": config.invert_images, "strict": config.strict_data,
-             "decode": folder.DECODE_VERSION}
+             "boxes": config.crop_to_boxes, "decode": folder.DECODE_VERSION}
     # The key leaves the folder's location out: a moved folder is still the same data.
     what = {**{k: v for k, v in where.items() if k != "source"},
-            "files": [[os.path.relpath(p, root), n, t] for p, n, t in folder.fingerprint_files(flat)]}
+            "files": [[os.path.relpath(p, root), n, t] for p, n, t in folder.fingerprint_files(flat)],
+            "box_values": sorted(boxes.values()) if boxes else None}
 
     def build(allocate):
         rows = allocate(len(flat))
-        ok = folder.decode(flat, size, channels, config.invert_images, config.strict_data, rows)
+        ok = folder.decode(flat, size, channels, config.invert_images, config.strict_data, rows,
+                           boxes=boxes)
         return names, rows, np.where(ok, row_class, -1)
 
     classes, key = sources.cached(config.cache_dir, where, what, (size, size, channels), build)

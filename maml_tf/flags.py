@@ -64,6 +64,9 @@ flags.DEFINE_string("label_key", _D.label_key, "TFDS and tf.data dict elements: 
 flags.DEFINE_bool("invert_images", _D.invert_images, "Folder, TFDS and Python data: store "
                   "255 - pixel (dark strokes on white paper become high values, as the Omniglot "
                   "loader stores them).")
+flags.DEFINE_bool("crop_to_boxes", _D.crop_to_boxes, "--dataset=folder on CUB-200-2011: crop "
+                  "each image to its bounding box (images.txt and bounding_boxes.txt of the "
+                  "release, in --data_dir or its parent) before resizing.")
 flags.DEFINE_bool("strict_data", _D.strict_data, "Refuse an unreadable image file instead of "
                   "skipping it with a warning.")
 flags.DEFINE_string("cache_dir", _D.cache_dir, "Where folder and TFDS data are decoded once "

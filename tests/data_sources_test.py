@@ -352,6 +352,28 @@ def test_a_cifar_fs_folder_is_split_by_the_shipped_file_and_tiered_counts_are_ch
         generic.load(_config(tiered, tmp_path / "c", split_file="tiered_imagenet"))
 
 
+def test_cub_images_are_cropped_to_their_bounding_boxes(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    lines, boxes = [], []
+    for k in range(6):   # a 40x30 image whose box (x=10, y=5, 20x10) is white, the rest black
+        image = np.zeros((30, 40, 3), np.uint8)
+        image[5:15, 10:30] = 255
+        name = f"{k + 1:03d}.Bird_{k}/img_{k}.jpg"
+        _write(f"{root}/images/{name}", image)
+        lines.append(f"{k + 1} {name}")
+        boxes.append(f"{k + 1} 10.0 5.0 20.0 10.0")
+    (root / "images.txt").write_text("\n".join(lines) + "\n")
+    (root / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
+    config = _config(root / "images", tmp_path / "c", channels=3, image_size=8,
+                     class_split=(2, 2, 2), crop_to_boxes=True)
+    cropped = generic.load(config).splits["train"].contiguous().images
+    whole = generic.load(config.replace(crop_to_boxes=False)).splits["train"].contiguous().images
+    assert cropped.min() > 200 and whole.min() < 50   # only the box is left
+    (root / "bounding_boxes.txt").write_text("\n".join(boxes[:-1]) + "\n")
+    with pytest.raises(DataError, match="have no bounding box"):
+        generic.load(config.replace(cache_dir=str(tmp_path / "c2")))
+
+
 def test_ren_et_al_pickles_are_read_with_their_own_splits(tmp_path):
     import io
     import pickle

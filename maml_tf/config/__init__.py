@@ -36,7 +36,7 @@ RL_SWITCHES = RLConfig.field_names()
 _OMNIGLOT_ONLY = ("data_source", "split")
 # The switches of the generic image path (data/sources.py); they do not apply to the
 # dedicated Omniglot and mini-ImageNet loaders.
-GENERIC_ONLY = ("class_split", "split_file", "label_key", "invert_images", "strict_data", "cache_dir")
+GENERIC_ONLY = ("class_split", "split_file", "label_key", "invert_images", "crop_to_boxes", "strict_data", "cache_dir")
 _TUPLES = ("eval_shots", "class_split")
 _CONV4_ONLY = ("num_filters", "conv_pool", "norm")
 

@@ -104,6 +104,7 @@ class DataConfig(Section):
     split_file: str = ""
     label_key: str = "label"
     invert_images: bool = False
+    crop_to_boxes: bool = False
     strict_data: bool = False
     cache_dir: str = ""
 
