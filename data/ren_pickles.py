@@ -16,11 +16,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from typing import Callable
 
 import numpy as np
 
 from maml_tf.data import folder
 from maml_tf.data.errors import DataError
+from maml_tf.data.rowfile import RowFile
 
 SPLITS = ("train", "val", "test")
 
@@ -85,7 +87,7 @@ def decode(item, size: int, channels: int) -> np.ndarray:
 
 def build(root: str, size: int, channels: int):
     """A ``sources.cached`` builder: ``allocate -> (names, rows, class of each row)``."""
-    def run(allocate):
+    def run(allocate: Callable[[int], RowFile]) -> tuple[list[str], RowFile, np.ndarray]:
         per_split = {s: labels(root, s) for s in SPLITS}
         rows = allocate(sum(len(v[0]) for v in per_split.values()))
         names: list[str] = []
