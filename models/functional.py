@@ -289,7 +289,9 @@ class FunctionalModel:
             owned.update(id(v) for v in _weights(op))
             reason = _unsupported_reason(op)
             if reason is not None:
-                self.problems.append(f"layer {op.name!r} ({type(op).__name__}): {reason}")
+                # keras.ops calls in a Functional graph are operations, not layers.
+                kind = "layer" if isinstance(op, keras.layers.Layer) else "operation"
+                self.problems.append(f"{kind} {op.name!r} ({type(op).__name__}): {reason}")
         stray = [v.path for v in self.variables if id(v) not in owned]
         if stray:
             self.problems.append(f"variables used outside any layer call, which the fast weights "
@@ -432,7 +434,8 @@ def inexact_message(problems: list[str]) -> str:
             "Add, Concatenate, Flatten, Reshape, ...) or from maml_tf.models.layers (a custom "
             "layer can implement TaskBatchedLayer.batched_apply); use a first-order algorithm "
             "(first_order=True, fomaml, reptile), which only needs first derivatives; or pass "
-            "allow_inexact=True to accept it with a warning.")
+            "allow_inexact=True (--allow_inexact on the command line) to accept it with a "
+            "warning.")
 
 
 def tile_for_tasks(weights: Sequence[tf.Tensor], num_tasks: int) -> list[tf.Tensor]:

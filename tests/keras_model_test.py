@@ -603,3 +603,15 @@ def test_a_model_that_ends_in_a_softmax_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         api.build(config, str(tmp_path / "zoo"))
     assert "outputs probabilities" not in caplog.text
+
+
+def test_an_unsupported_keras_op_is_named_as_an_operation_with_the_command_line_fix():
+    import keras
+    import maml_tf
+    from maml_tf.models.functional import InexactModelError
+    x = keras.Input((4,))
+    model = keras.Model(x, keras.ops.cumsum(keras.layers.Dense(3)(x), axis=-1))
+    with pytest.raises(InexactModelError) as e:
+        maml_tf.MAML(model)
+    assert "operation 'cumsum' (Cumsum)" in str(e.value) and "layer 'cumsum'" not in str(e.value)
+    assert "--allow_inexact on the command line" in str(e.value)
