@@ -412,12 +412,19 @@ class LayerStack:
 
     def feature_maps(self) -> "LayerStack":
         """This stack without its final Flatten or global pooling layer, so that it outputs
-        feature maps (Relation Networks); itself if it does not end in one (or is a graph)."""
+        feature maps (Relation Networks), for a chain (Sequential) and a graph (Functional)
+        alike; itself if it does not end in one."""
         kind, obj = self._root
         flatten = (L.Flatten, L.GlobalAvgPool, keras.layers.Flatten,
                    keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
         if kind == "chain" and obj and isinstance(obj[-1], flatten):
             return LayerStack(("chain", obj[:-1]), self.variables)
+        if kind == "graph" and len(obj.outputs) == 1:
+            op, node_index, _ = obj.outputs[0]._keras_history
+            node = op._inbound_nodes[node_index]
+            if isinstance(op, flatten) and not node.is_input and len(node.input_tensors) == 1:
+                return LayerStack(("graph", keras.Model(obj.inputs, node.input_tensors[0])),
+                                  self.variables)
         return self
 
     def apply(self, params: Sequence[tf.Tensor], x: tf.Tensor, training: bool | None = None,

@@ -212,3 +212,38 @@ class RelationNetTest(tf.test.TestCase):
         n = len(learner.net.variables)
         _fd_check(self, learner, _episode64(), 0, index=0)
         _fd_check(self, learner, _episode64(), 0, index=n)     # the module's first conv
+
+
+def _functional_body(input_shape, num_outputs):
+    """The README's ``my_model``, small: conv blocks, global pooling, a Dense head."""
+    import keras
+    inputs = x = keras.Input(input_shape)
+    for _ in range(2):
+        x = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(num_outputs)(x))
+
+
+def _sequential_body(input_shape, num_outputs):
+    import keras
+    return keras.Sequential([keras.Input(input_shape)] + [
+        layer for _ in range(2) for layer in (
+            keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False),
+            keras.layers.BatchNormalization(), keras.layers.ReLU())] +
+        [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(num_outputs)])
+
+
+def test_relation_networks_score_feature_maps_for_functional_and_sequential_bodies():
+    # A Functional body kept its global pooling and got a Dense relation module; it now drops
+    # it, as a Sequential one always did.
+    ep = _episode()
+    for make in (_functional_body, _sequential_body):
+        learner = build_learner(_config("relation"), make((28, 28, 1), WAY))
+        maps = learner.body.apply([w[None] for w in learner.body.meta_weights()],
+                                  ep.support_x[:1])
+        assert maps.shape[2:] == (7, 7, 4), (make.__name__, maps.shape)
+        assert any("conv" in v.path for v in learner.relation.variables), make.__name__
+        scores = learner.logits(learner.meta_weights(), ep)
+        assert scores.shape == ep.query_y.shape + (WAY,)
