@@ -10,6 +10,10 @@ the harness changed: pass it to ``maml_tf.harness.train(MyFamily, config, workdi
 
 from __future__ import annotations
 
+import contextlib
+
+from absl import logging
+
 from maml_tf import harness
 from maml_tf.config import Config
 from maml_tf.data import python_source
@@ -23,7 +27,24 @@ def family_for(config: Config) -> harness.TaskFamily:
     return RLFamily(config) if config.is_rl else SupervisedFamily(config)
 
 
-def train(config: Config, workdir: str, overwrite: bool = False, model=None, data=None) -> dict:
+@contextlib.contextmanager
+def _verbosity(verbose: int | None):
+    """absl's log level for one call from Python: INFO (the command line's progress lines:
+    compile time, tasks/s, ETA, validation) for ``verbose >= 1``, errors only for 0. The
+    entry points set their own (--verbosity) and pass None."""
+    if verbose is None:
+        yield
+        return
+    previous = logging.get_verbosity()
+    logging.set_verbosity(logging.INFO if verbose >= 1 else logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(previous)
+
+
+def train(config: Config, workdir: str, overwrite: bool = False, model=None, data=None,
+          verbose: int | None = 1) -> dict:
     """Meta-trains (or resumes) the run in ``workdir`` and returns its results (the
     contents of results.json).
 
@@ -32,6 +53,8 @@ def train(config: Config, workdir: str, overwrite: bool = False, model=None, dat
     label)``, or a dict of such ``{"train", "val", "test"}`` splits (else ``class_split``
     decides them); see ``maml_tf/data/python_source.py``. It is not stored in the workdir:
     pass it again to resume or evaluate (other data is refused by its fingerprint).
+    verbose: 1 prints the progress the command line prints (compile time, tasks/s, ETA,
+    validations, results), 0 only errors; None leaves absl's log level as it is.
 
     model: None builds ``config.model``. Your own network: a module-level function
     ``(input_shape, num_outputs) -> keras.Model`` (recorded in the workdir, so that resuming
@@ -40,17 +63,20 @@ def train(config: Config, workdir: str, overwrite: bool = False, model=None, dat
     into ``<workdir>/replaced-<time>/`` instead of refusing.
     """
     config, family = _with_data(config, data)
-    return harness.train(family, config, workdir, overwrite=overwrite, model=model)
+    with _verbosity(verbose):
+        return harness.train(family, config, workdir, overwrite=overwrite, model=model)
 
 
-def evaluate_workdir(workdir: str, model=None, data=None, **overrides) -> dict:
+def evaluate_workdir(workdir: str, model=None, data=None, verbose: int | None = 1,
+                     **overrides) -> dict:
     """Evaluates the latest checkpoint of ``workdir`` on fixed test tasks (as ``python -m
     maml_tf.evaluate``) and writes ``results-<protocol>.json``; see ``harness.evaluate``.
     data: the data set of a run trained on data passed from Python (as for ``train``)."""
     family = family_for
     if data is not None:
         _, family = _with_data(harness.read_config(workdir), data)
-    return harness.evaluate(family, workdir, model=model, **overrides)
+    with _verbosity(verbose):
+        return harness.evaluate(family, workdir, model=model, **overrides)
 
 
 def _with_data(config: Config, data):

@@ -35,7 +35,7 @@ def main(argv):
         if command:
             raise C.ConfigError(f"--{command[0]} is a flag of training runs, not of an "
                                 "evaluation: drop it.")
-        api.evaluate_workdir(FLAGS.workdir, **overrides)
+        api.evaluate_workdir(FLAGS.workdir, verbose=None, **overrides)
 
 
 if __name__ == "__main__":

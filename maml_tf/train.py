@@ -28,7 +28,7 @@ def main(argv):
                                   "which runs a grid of experiments; this command runs one.")
         if FLAGS.seeds:
             cli.run_group(FLAGS, config, FLAGS.workdir, axes=[], seeds=FLAGS.seeds, jobs=1)
-        api.train(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+        api.train(config, FLAGS.workdir, overwrite=FLAGS.overwrite, verbose=None)
 
 
 if __name__ == "__main__":

@@ -206,3 +206,18 @@ def test_checkpoint_saves_do_not_print_the_savers_noise(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Results of checkpoint ckpt-2" in out.stderr
     assert "Sharding callback duration" not in out.stderr
+
+
+@pytest.mark.parametrize("verbose", [1, 0])
+def test_training_from_python_shows_progress_unless_verbose_is_0(tmp_path, verbose):
+    code = ("import maml_tf\n"
+            "maml_tf.train(maml_tf.Config(num_iterations=2, meta_batch_size=2, eval_tasks=4, "
+            "val_tasks=2, log_every=1, eval_every=2, checkpoint_every=2), "
+            f"{str(tmp_path / 'run')!r}, verbose={verbose})\n")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = ["Starting at iteration 0 of 2", "Compiled the meta-step", "step 2/2",
+             "Results of checkpoint ckpt-2 written"]
+    assert all((line in out.stderr) == bool(verbose) for line in shown), out.stderr[-2000:]
