@@ -28,6 +28,7 @@ Classes keep the order of the split list, which fixes the tasks of each ``(seed,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,6 +89,9 @@ def cached(cache_dir: str, where: dict, what: dict, shape: Sequence[int],
         logging.warning("The cache %s was made from other data (files changed, added or removed "
                         "since): rebuilding it.", folder)
     os.makedirs(folder, exist_ok=True)
+    if index is not None:   # no reader may pair the old index with the new images
+        with contextlib.suppress(FileNotFoundError):   # another process rebuilding too
+            os.remove(index_path)
     logging.info("Decoding %s into the cache %s ...", where.get("source"), folder)
     tmp = f"{images_path}.{os.getpid()}.tmp"
 
