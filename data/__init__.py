@@ -1,8 +1,12 @@
-"""Episode pipelines: ``get_episode_dataset(config, split, ...)`` -> ``tf.data`` of ``Episode``.
+"""Episode pipelines: ``train_dataset(config, ...)`` and ``eval_dataset(config, split, ...)``
+-> ``tf.data`` of ``Episode``.
 
 Each element is one meta-batch of tasks for one input pipeline (one replica's share
 when distributed); see ``data.episode.Episode`` for shapes and ``data.tasks`` for how
-tasks are seeded.
+tasks are seeded. The classes of each split come from the dedicated Omniglot and
+mini-ImageNet loaders or the generic image path (``data/generic.py``: folders, TFDS, data
+passed from Python), as ``data.classes.ClassImages``, and one sampler (``data/few_shot.py``)
+draws every image task.
 """
 
 from __future__ import annotations
