@@ -175,6 +175,7 @@ def run_all(base: Sequence[str], runs: list[PlannedRun], root: str, jobs: int = 
             pending.append(run)
     checkpointing.atomic_write_json(path, info)
     active: dict[str, tuple[subprocess.Popen, float, str]] = {}
+    signalled: set[str] = set()
     started, total = 0, len(pending)
     with _Stop() as stop:
         while pending or active:
@@ -192,9 +193,14 @@ def run_all(base: Sequence[str], runs: list[PlannedRun], root: str, jobs: int = 
                 started += 1
                 say(f"[{started}/{total}] {run.name}: started (log: {log})")
             if stop.signum is not None:
-                for child, _, _ in active.values():
-                    if child.poll() is None:
+                # Once per child: a second SIGTERM means "stop at once, without a checkpoint",
+                # and this loop comes round every 0.2 s, much faster than a child's
+                # iteration or validation ends (repeating it lost a run's last 1,000
+                # iterations).
+                for name, (child, _, _) in active.items():
+                    if child.poll() is None and name not in signalled:
                         child.send_signal(signal.SIGTERM)
+                        signalled.add(name)
                 pending = []
             time.sleep(0.2)
             for name, (child, t0, log) in list(active.items()):

@@ -238,12 +238,12 @@ def _validate(r: Run, step: int, history: list) -> None:
     """One point of the learning curve, appended to ``history`` and history.json."""
     try:
         history.append(r.family.validate(r, step))
-    except Exception:
-        # A validation that fails (a bug, memory) must not cost the iterations since the
-        # last checkpoint: the weights are those of `step`. (A second stop signal raises
-        # KeyboardInterrupt: it stops at once, as it says.)
+    except BaseException:
+        # A validation that fails (a bug, memory) or is cut short (a second stop signal,
+        # KeyboardInterrupt) must not cost the iterations since the last checkpoint: the
+        # weights are those of `step`, and saving them takes a second.
         r.manager.save(checkpoint_number=step)
-        logging.error("Validation at iteration %d failed; checkpoint ckpt-%d is saved and the "
+        logging.error("Validation at iteration %d failed or was interrupted; checkpoint ckpt-%d is saved and the "
                       "same command resumes from it (validating it first).", step, step)
         raise
     checkpointing.atomic_write_json(os.path.join(r.workdir, "history.json"), history)

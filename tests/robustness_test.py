@@ -168,19 +168,23 @@ def _damage(kind, checkpoints):
         os.remove(data)
 
 
-def test_a_failing_validation_saves_its_iteration_and_is_redone_on_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError("validation broke"),
+                                   KeyboardInterrupt("second SIGTERM: stopping at once")])
+def test_a_failing_validation_saves_its_iteration_and_is_redone_on_resume(tmp_path, monkeypatch,
+                                                                          error):
     # Measured: an error in a validation cost a run the 1,000 iterations since its last
-    # checkpoint. Now the weights of the validated iteration are saved before the error.
+    # checkpoint, and so did a second stop signal during one (a sweep repeated its SIGTERM).
+    # Now the weights of the validated iteration are saved first.
     workdir = str(tmp_path / "run")
     real = supervised.SupervisedFamily.validate
 
     def fails_at_3(self, r, step):
         if step == 3:
-            raise RuntimeError("validation broke")
+            raise error
         return real(self, r, step)
     config = Config.from_dict({**SMOKE, "jit_compile": False})   # XLA: only slower here
     monkeypatch.setattr(supervised.SupervisedFamily, "validate", fails_at_3)
-    with pytest.raises(RuntimeError, match="validation broke"):
+    with pytest.raises(type(error)):
         api.train(config, workdir)                           # checkpoints every 2 only
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-3")
     monkeypatch.setattr(supervised.SupervisedFamily, "validate", real)

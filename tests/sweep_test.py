@@ -90,8 +90,15 @@ if args.get("inner_lr") == "0.5":
 json.dump({"optim": {"num_iterations": 3}}, open(os.path.join(wd, "config.json"), "w"))
 if args.get("algorithm") == "slow" and not os.path.exists(os.path.join(wd, "ckpt")):
     def stop(*_):
+        with open(os.path.join(wd, "signals"), "a") as f:
+            f.write("TERM\n")
+        if stop.stopping:   # a second SIGTERM would mean: stop at once, without a checkpoint
+            return
+        stop.stopping = True
+        time.sleep(1.5)     # as a real run, it finishes its iteration, then checkpoints
         open(os.path.join(wd, "ckpt"), "w").close()
         sys.exit(143)
+    stop.stopping = False
     signal.signal(signal.SIGTERM, stop)
     open(os.path.join(wd, "training"), "w").close()
     time.sleep(120)
@@ -158,6 +165,9 @@ def test_a_stopped_sweep_resumes_without_redoing_its_finished_runs(tmp_path):
     assert record["algorithm=slow"]["state"] == "stopped"
     assert record["algorithm=protonet"]["state"] == "not started"
     assert os.path.exists(os.path.join(root, "algorithm=slow", "ckpt"))   # it checkpointed
+    # One SIGTERM per child, however long it takes to stop (the sweep used to repeat it every
+    # 0.2 s, and a training run takes a second one as "stop at once, without a checkpoint").
+    assert open(os.path.join(root, "algorithm=slow", "signals")).read() == "TERM\n"
     finished_at = os.path.getmtime(os.path.join(root, "algorithm=maml", "results.json"))
     again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            timeout=120)
