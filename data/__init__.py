@@ -22,6 +22,7 @@ from maml_tf.data.classes import ClassImages
 from maml_tf.data.episode import Episode
 from maml_tf.data.errors import DataError
 from maml_tf.data.tasks import task_indices, task_seed
+from maml_tf.distribute import divisors
 
 
 @functools.lru_cache(maxsize=8)
@@ -193,9 +194,8 @@ def eval_batch_size(num_tasks: int, preferred: int, multiple_of: int = 1) -> int
     no task is dropped or repeated."""
     # Over the divisors of num_tasks, not every integer up to `preferred`, which a mistyped
     # --meta_batch_size can make huge.
-    small = [d for d in range(1, int(num_tasks ** 0.5) + 1) if num_tasks % d == 0]
-    sizes = sorted(b for b in set(small + [num_tasks // d for d in small])
-                   if b % multiple_of == 0 and b <= max(preferred, multiple_of))
+    sizes = [b for b in divisors(num_tasks)
+             if b % multiple_of == 0 and b <= max(preferred, multiple_of)]
     if not sizes:
         raise ValueError(f"{num_tasks} evaluation tasks cannot be split evenly over "
                          f"{multiple_of} replicas; use a multiple of {multiple_of}.")

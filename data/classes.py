@@ -78,16 +78,6 @@ class ClassImages:
         return ClassImages(self.images, self.starts[idx], self.counts[idx],
                            tuple(self.names[c] for c in idx))
 
-    def index(self, names: Sequence[str]) -> list[int]:
-        """The class indices of ``names``; a ``DataError`` names the first few that are not
-        classes of these images."""
-        where = {n: i for i, n in enumerate(self.names)}
-        missing = [n for n in names if n not in where]
-        if missing:
-            raise DataError(f"{len(missing)} class(es) named by the split are not in the data: "
-                            f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
-        return [where[n] for n in names]
-
     def rotated(self) -> "ClassImages":
         """Four classes per class, copied into memory: class ``4c + k`` is class ``c`` rotated by
         ``k * 90`` degrees (the Omniglot augmentation of Santoro et al. 2016)."""
