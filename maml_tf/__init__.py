@@ -8,6 +8,8 @@ The public API, the same objects that ``python -m maml_tf.train`` builds::
     optimizer.apply(grads, learner.meta_variables)
 
     maml_tf.train(maml_tf.Config(dataset="omniglot", ...), workdir, model=my_model_fn)
+    learner = maml_tf.load(workdir)                                # the trained learner
+    maml_tf.export(workdir, "saved_model", "served/")              # adapt_and_predict, TF only
 
 Learners (all ``MetaLearner``s: see its docstring for the shared arguments):
 optimization-based ``MAML``, ``FOMAML``, ``Reptile``, ``MetaSGD``, ``ANIL``, ``BOIL``,
@@ -40,6 +42,7 @@ from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML, MAN
 from maml_tf.meta_learner import MetaLearner, StepMetrics  # noqa: E402
 from maml_tf.models.functional import FunctionalModel, InexactModelError  # noqa: E402
 from maml_tf.api import evaluate_workdir, train  # noqa: E402
+from maml_tf.serving import export, load  # noqa: E402
 from maml_tf.version import VERSION  # noqa: E402
 
 __version__ = VERSION
@@ -48,4 +51,5 @@ MAMLPlusPlus = MamlPlusPlus
 __all__ = ["ANIL", "BOIL", "CAVIA", "CNP", "CNPClassifier", "Config", "ConfigError", "Episode", "FOMAML",
            "FunctionalModel", "IMAML", "InexactModelError", "MAML", "MAMLPlusPlus", "MANN",
            "MatchingNet", "MetaLearner", "MetaOptNet", "MetaSGD", "Pretrain", "ProtoNet", "R2D2",
-           "RelationNet", "Reptile", "SNAIL", "StepMetrics", "build_learner", "evaluate_workdir", "train"]
+           "RelationNet", "Reptile", "SNAIL", "StepMetrics", "build_learner", "evaluate_workdir", "export",
+           "load", "train"]

@@ -62,7 +62,7 @@ def train(config: Config, workdir: str, overwrite: bool = False, model=None, dat
     strategy only; pass it again to resume). overwrite: move a run with other flags aside
     into ``<workdir>/replaced-<time>/`` instead of refusing.
     """
-    config, family = _with_data(config, data)
+    config, family = with_data(config, data)
     with _verbosity(verbose):
         return harness.train(family, config, workdir, overwrite=overwrite, model=model)
 
@@ -74,12 +74,12 @@ def evaluate_workdir(workdir: str, model=None, data=None, verbose: int | None = 
     data: the data set of a run trained on data passed from Python (as for ``train``)."""
     family = family_for
     if data is not None:
-        _, family = _with_data(harness.read_config(workdir), data)
+        _, family = with_data(harness.read_config(workdir), data)
     with _verbosity(verbose):
         return harness.evaluate(family, workdir, model=model, **overrides)
 
 
-def _with_data(config: Config, data):
+def with_data(config: Config, data):
     """``(config, family factory)`` of a run given ``data`` from Python: the data set becomes
     ``python``, with the image size and channels the data has (the network is built for
     them)."""

@@ -335,3 +335,34 @@ def restore_or_init(manager: tf.train.CheckpointManager) -> int | None:
         return None
     manager.checkpoint.restore(latest).assert_existing_objects_matched()
     return int(latest.rsplit("-", 1)[-1])
+
+
+def restore_for_reading(checkpoint: tf.train.Checkpoint, directory: str,
+                        number: int | None = None) -> int:
+    """Restores ``ckpt-<number>`` of ``directory`` (default: the newest that loads) into
+    ``checkpoint`` and returns its number, changing nothing on disk: a checkpoint that fails
+    to load is skipped with a warning (``make_manager`` moves it aside when the run resumes).
+    Raises ``CheckpointError`` when none (or not the named one) loads."""
+    candidates = _candidates(directory) if os.path.isdir(directory) else []
+    if not candidates:
+        raise CheckpointError(f"No checkpoint in {directory}: the run has not saved one yet "
+                              "(it saves every --checkpoint_every iterations and when stopped).")
+    if number is not None:
+        named = [p for p in candidates if _number(p) == number]
+        if not named:
+            raise CheckpointError(f"{directory} has no checkpoint ckpt-{number}; it has "
+                                  f"{', '.join(os.path.basename(p) for p in candidates)}.")
+        candidates = named
+    failures = []
+    for path in candidates:
+        try:
+            checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+        except Exception as e:   # noqa: BLE001 -- any failure means: this one cannot be used
+            failures.append(f"{os.path.basename(path)} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+            continue
+        for why in failures:
+            logging.warning("Skipped checkpoint %s: it cannot be loaded.", why)
+        return _number(path)
+    raise CheckpointError(f"No checkpoint in {directory} can be loaded: {'; '.join(failures)}. "
+                          "Nothing was changed. Restore the checkpoints from a backup.")

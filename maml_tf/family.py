@@ -106,5 +106,6 @@ class Run:
     learner: Any
     optimizer: keras.optimizers.Optimizer | None
     step: tf.Variable
-    manager: tf.train.CheckpointManager
+    manager: tf.train.CheckpointManager   # None when built read-only (maml_tf.load)
     family: TaskFamily
+    checkpoint: tf.train.Checkpoint | None = None

@@ -246,6 +246,17 @@ def expand_flagfiles(argv: list[str], _including: str | None = None,
 # Flags of the commands, not of the run's Config.
 COMMAND_FLAGS = ("workdir", "overwrite", "seeds", "grid", "jobs")
 
+# -- export (python -m maml_tf.export) --------------------------------------------------
+flags.DEFINE_enum("format", "saved_model", ("keras", "saved_model"), "maml_tf.export: "
+                  "'keras' writes the network at its meta-learned weights as a .keras file; "
+                  "'saved_model' a SavedModel whose adapt_and_predict signature adapts to a "
+                  "support set and predicts the queries.")
+flags.DEFINE_string("out", None, "maml_tf.export: the .keras file or the SavedModel folder "
+                    "to write (new).")
+flags.DEFINE_integer("checkpoint", None, "maml_tf.export: the checkpoint step to export "
+                     "(ckpt-N); default the newest that loads.")
+EXPORT_FLAGS = ("format", "out", "checkpoint")
+
 
 def passed_flags(values: flags.FlagValues, exclude: Sequence[str] = ()) -> list[str]:
     """The run flags given on the command line (flagfiles expanded), as ``--name=value``
@@ -260,7 +271,7 @@ def sectioned_help(values: flags.FlagValues, doc: str = "",
     optimisation, evaluation, run, reinforcement learning), each with its help and default.
     only: the flags that this entry point takes (None: all)."""
     lines = [doc.strip(), ""] if doc else []
-    groups = [("Command", COMMAND_FLAGS)] + [(s.TITLE, s.field_names()) for s in C.SECTIONS]
+    groups = [("Command", COMMAND_FLAGS), ("Export", EXPORT_FLAGS)] + [(s.TITLE, s.field_names()) for s in C.SECTIONS]
     for title, names in groups:
         shown = [n for n in names if n in values and (only is None or n in only)]
         if not shown:

@@ -115,13 +115,16 @@ class Schedule:
 
 
 def build(family: FamilyFactory, config: Config, workdir: str, overwrite: bool = False,
-          model=None, write_config: bool = True) -> Run:
+          model=None, write_config: bool = True, read_only: bool = False) -> Run:
     """Set-up: strategy, workdir, model, optimizer, checkpoint (section 1).
 
     family: called with the config, returns the run's ``TaskFamily``. model: None (the
     family builds ``config.model``), a function ``(input_shape, num_outputs) -> keras.Model``,
     or a built ``keras.Model``; see ``train``. write_config: check the workdir against
     ``config`` and write config.json / flags.cfg (False: evaluation, which only reads).
+    read_only: touch nothing in the workdir (``maml_tf.load``, which may read a run that is
+    training): no checkpoint manager (``Run.manager`` is None); restore ``Run.checkpoint``
+    with ``checkpointing.restore_for_reading``.
     """
     distribute.check_memory(config)   # before anything is built or written
     config, model_fn = _with_model(config, model)
@@ -138,7 +141,7 @@ def build(family: FamilyFactory, config: Config, workdir: str, overwrite: bool =
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     # After the model and learner are built: a model that cannot be built or run exactly
     # stops the run before anything is written to the workdir.
-    if write_config:
+    if write_config and not read_only:
         checkpointing.prepare_workdir(workdir, config, overwrite)
     config = tasks.prepare(config, model, strategy)
     # The learner holds the algorithm's own meta-parameters (learned rates, ...).
@@ -146,8 +149,9 @@ def build(family: FamilyFactory, config: Config, workdir: str, overwrite: bool =
     if optimizer is not None:   # TRPO keeps no optimizer state
         objects["optimizer"] = optimizer
     ckpt = tf.train.Checkpoint(**objects)
-    manager = checkpointing.make_manager(ckpt, os.path.join(workdir, "checkpoints"))
-    return Run(config, workdir, strategy, model, learner, optimizer, step, manager, tasks)
+    manager = None if read_only else checkpointing.make_manager(
+        ckpt, os.path.join(workdir, "checkpoints"))
+    return Run(config, workdir, strategy, model, learner, optimizer, step, manager, tasks, ckpt)
 
 
 def train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool = False,

@@ -215,19 +215,39 @@ class MetaLearner(tf.Module):
 
     def predict_queries(self, episode: Episode, steps: int | None = None,
                         mode: str = "transductive") -> tf.Tensor:
-        """The outputs ``[T, N_q, ...]`` on the queries after ``steps`` inner steps (default
-        ``inner_steps``) on each task's support set, normalised as ``mode`` says; evaluation
-        mode, no second-order path. For the learners that adapt a network by gradient steps."""
-        if not self.queries_pass_query_metrics:
-            raise ValueError(f"{type(self).__name__} does not predict queries from adapted "
-                             "fast weights; use evaluate().")
+        """The learner's test-time prediction of the queries, ``[T, N_q, ...]`` (logits for
+        classifiers): after ``steps`` inner steps (default ``inner_steps``) on each task's
+        support set, or from the support set's embeddings or sequence, with the queries
+        normalised as ``mode`` (``EVAL_MODES``) says; evaluation mode, no second-order path.
+        What ``maml_tf.evaluate`` scores and what an exported model serves. ``episode`` needs
+        no ``query_y``."""
+        if mode not in EVAL_MODES:
+            raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}.")
+        if mode == "support" and not self.normalises_queries_with_support:
+            raise ValueError(f"{type(self).__name__} does not run its queries through a network "
+                             "that the support set's statistics could normalise: use "
+                             "transductive or per_example.")
         steps = self.inner_steps if steps is None else steps
         weights, episode = self.meta_weights(), as_episode(episode)
+        if episode.query_y is None:   # the learners read only its shape
+            episode = episode._replace(query_y=tf.zeros(episode.query_x.shape[:2], tf.int32))
         with inference():
-            fast = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
-                                   first_order=True)[-1]
+            if mode == "per_example" and not self.queries_pass_query_metrics:
+                # Episodes of one query each, with the task's support set (as evaluation).
+                t, n = episode.query_x.shape[0], episode.query_x.shape[1]
+                out = self.query_predictions(weights, _one_query_each(episode), steps)
+                return tf.reshape(out, [t, n] + out.shape.as_list()[2:])
             with self._evaluating_in(mode, episode):
-                return self.query_outputs(fast, episode.query_x, self.split(weights)[1], steps)
+                return self.query_predictions(weights, episode, steps)
+
+    def query_predictions(self, weights: Sequence[tf.Tensor], episode: Episode,
+                          steps: int) -> tf.Tensor:
+        """Outputs ``[T, N_q, ...]`` on the queries at ``weights``, after adapting to the
+        support set as this learner does at test time (here: ``steps`` inner steps). The hook
+        behind ``predict_queries``; learners without an inner loop override it."""
+        fast = self.inner_loop(weights, episode.support_x, episode.support_y, steps,
+                               first_order=True)[-1]
+        return self.query_outputs(fast, episode.query_x, self.split(weights)[1], steps)
 
     @property
     def normalises_queries_with_support(self) -> bool:
@@ -251,6 +271,12 @@ class MetaLearner(tf.Module):
         return self.meta_loss(weights, episode, steps, first_order=True)[1]
 
     # -- meta-parameters ----------------------------------------------------------------
+    @property
+    def model(self) -> keras.Model:
+        """The Keras model whose variables hold the network's meta-weights (the
+        meta-initialisation); the algorithm's own learned tensors are in ``extra``."""
+        return getattr(self.net, "model", self.net)
+
     @property
     def meta_variables(self) -> list[tf.Variable]:
         """Everything the outer optimizer updates: the network's weights, then ``extra``."""
@@ -484,14 +510,20 @@ class MetaLearner(tf.Module):
         """Folds a meta-batch's ``StepMetrics.state_update`` into ``state`` (train step)."""
 
 
+def _one_query_each(episode: Episode) -> Episode:
+    """T x N_q episodes of one query each: each task's support set repeated N_q times."""
+    t, n = episode.query_x.shape[0], episode.query_x.shape[1]
+    rep = lambda a: None if a is None else tf.repeat(a, n, axis=0)   # noqa: E731
+    one = lambda a: tf.reshape(a, [t * n, 1] + a.shape.as_list()[2:])   # noqa: E731
+    return Episode(rep(episode.support_x), rep(episode.support_y), one(episode.query_x),
+                   one(episode.query_y), rep(episode.classes))
+
+
 def _per_query(evaluate: Callable, episode: Episode) -> StepMetrics:
     """``evaluate`` on T x N_q episodes of one query each (the task's support set repeated),
     then each task's metrics averaged over its queries."""
     t, n = episode.query_x.shape[0], episode.query_x.shape[1]
-    rep = lambda a: None if a is None else tf.repeat(a, n, axis=0)   # noqa: E731
-    one = lambda a: tf.reshape(a, [t * n, 1] + a.shape.as_list()[2:])   # noqa: E731
-    m = evaluate(Episode(rep(episode.support_x), rep(episode.support_y), one(episode.query_x),
-                         one(episode.query_y), rep(episode.classes)))
+    m = evaluate(_one_query_each(episode))
     mean = lambda v: None if v is None else tf.reduce_mean(   # noqa: E731
         tf.reshape(v, [t, n] + v.shape.as_list()[1:]), axis=1)
     return StepMetrics(mean(m.loss), mean(m.accuracy))

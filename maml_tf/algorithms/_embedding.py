@@ -83,6 +83,9 @@ class EmbeddingLearner(MetaLearner):
         per_step = StepMetrics(loss[:, None], None if metric is None else metric[:, None])
         return tf.reduce_mean(loss), per_step
 
+    def query_predictions(self, weights, episode: Episode, steps: int) -> tf.Tensor:
+        return self.logits(weights, episode)
+
     def logits(self, weights, episode: Episode) -> tf.Tensor:
         """Query logits ``[T, N_q, way]`` of an episode at ``weights``."""
         zs, zq = self.embed_episode(weights, episode)

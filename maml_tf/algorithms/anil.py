@@ -41,6 +41,11 @@ class ANIL(MetaLearner):
         return self.head_learner.meta_loss(list(weights[nb:]), features, steps, first_order,
                                            track_steps, iteration)
 
+    def query_predictions(self, weights, episode, steps):
+        _, features = self._features(weights, episode)
+        nb = len(self.body.variables)
+        return self.head_learner.query_predictions(list(weights[nb:]), features, steps)
+
     def inner_loop(self, weights, x, y, steps, first_order=None):
         """Fast weights of the whole network: the body's are the meta-weights at every step."""
         body, features = self._features(weights, Episode(x, y, x, y))

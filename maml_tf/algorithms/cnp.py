@@ -70,6 +70,11 @@ class CNP(MetaLearner):
             r = tf.zeros([support_x.shape[0], self.representation], query_x.dtype)
         return self.decode(weights, r, query_x)
 
+    def query_predictions(self, weights, episode, steps):
+        """The predicted mean ``[T, N_q, y_dim]`` (``predict_distribution`` gives the scale)."""
+        return self.predict_distribution(weights, episode.support_x, episode.support_y,
+                                         episode.query_x)[0]
+
     def codes(self, weights, support_x, support_y) -> tf.Tensor:
         """The encoder's code ``[T, N_s, R]`` of every support pair."""
         encoder = tile_for_tasks(self.split(weights)[1][:len(self.encoder.variables)],

@@ -178,6 +178,9 @@ class MANN(EmbeddingLearner):
         query_logits, _ = self.step(extra, tiled, query_in)
         return support_logits, tf.reshape(query_logits, [t, nq, self.way])
 
+    def query_predictions(self, weights, episode, steps):
+        return self.predictions(weights, episode)[1]
+
     def _losses(self, weights, episode):
         support, query = self.predictions(weights, episode)
         ce = lambda logits, y: tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
