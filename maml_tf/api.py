@@ -44,7 +44,7 @@ def _verbosity(verbose: int | None):
 
 
 def train(config: Config, workdir: str, overwrite: bool = False, model=None, data=None,
-          verbose: int | None = 1) -> dict:
+          verbose: int | None = 1, callbacks=None) -> dict:
     """Meta-trains (or resumes) the run in ``workdir`` and returns its results (the
     contents of results.json).
 
@@ -55,6 +55,9 @@ def train(config: Config, workdir: str, overwrite: bool = False, model=None, dat
     pass it again to resume or evaluate (other data is refused by its fingerprint).
     verbose: 1 prints the progress the command line prints (compile time, tasks/s, ETA,
     validations, results), 0 only errors; None leaves absl's log level as it is.
+    callbacks: ``keras.callbacks.Callback`` objects (``EarlyStopping(monitor="val_accuracy")``,
+    ``CSVLogger``, ``TerminateOnNaN``, your own), called at each logging window and validation
+    with TensorBoard's names; see ``maml_tf/callbacks.py``.
 
     model: None builds ``config.model``. Your own network: a module-level function
     ``(input_shape, num_outputs) -> keras.Model`` (recorded in the workdir, so that resuming
@@ -64,7 +67,8 @@ def train(config: Config, workdir: str, overwrite: bool = False, model=None, dat
     """
     config, family = with_data(config, data)
     with _verbosity(verbose):
-        return harness.train(family, config, workdir, overwrite=overwrite, model=model)
+        return harness.train(family, config, workdir, overwrite=overwrite, model=model,
+                             callbacks=callbacks)
 
 
 def evaluate_workdir(workdir: str, model=None, data=None, verbose: int | None = 1,

@@ -71,8 +71,9 @@ class TaskFamily(abc.ABC):
         non-finite and how to avoid it (the harness stops or goes on as ``--on_nan`` says)."""
 
     @abc.abstractmethod
-    def log(self, run: "Run", step: int) -> None:
-        """Writes the training summaries of the window that ends at ``step``."""
+    def log(self, run: "Run", step: int) -> dict[str, float] | None:
+        """Writes the training summaries of the window that ends at ``step``; returns their
+        values by their TensorBoard names (for the run's Keras callbacks)."""
 
     @abc.abstractmethod
     def validate(self, run: "Run", step: int) -> dict:

@@ -32,9 +32,8 @@ from typing import Callable
 import keras
 import tensorflow as tf
 from absl import logging
-from tensorboard.plugins.hparams import api as hp
 
-from maml_tf import checkpointing, distribute, provenance
+from maml_tf import callbacks as callbacks_lib, checkpointing, distribute, metrics, provenance
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
 from maml_tf.family import FamilyFactory, Run, TaskFamily  # noqa: F401 -- TaskFamily: API
 from maml_tf.models import entering_run, model_spec
@@ -155,26 +154,28 @@ def build(family: FamilyFactory, config: Config, workdir: str, overwrite: bool =
 
 
 def train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool = False,
-          model=None) -> dict:
+          model=None, callbacks=None) -> dict:
     """Meta-trains (or resumes) the run in ``workdir`` and returns its results.
 
     family: called with the config, returns the run's ``TaskFamily``. model: None builds
     ``config.model``. Your own network: a module-level function ``(input_shape,
     num_outputs) -> keras.Model`` (recorded in the workdir, so that resuming and ``python -m
     maml_tf.evaluate`` rebuild it), or a built ``keras.Model`` (default strategy only; pass
-    it again to resume).
+    it again to resume). callbacks: ``keras.callbacks.Callback`` objects (see
+    ``maml_tf/callbacks.py``).
     """
+    callbacks = callbacks_lib.checked(callbacks)
     entering_run()
     # One owner per workdir for the whole run (a second run is refused, naming this one),
     # and SIGTERM / SIGINT end it with a checkpoint of the last completed iteration.
     owned = distribute.worker_workdir(workdir)
     with checkpointing.workdir_lock(owned), checkpointing.temporary_files_in(owned), \
             StopSignals() as stop:
-        return _train(family, config, workdir, overwrite, model, stop)
+        return _train(family, config, workdir, overwrite, model, stop, callbacks)
 
 
 def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool, model,
-           stop: StopSignals) -> dict:
+           stop: StopSignals, callbacks) -> dict:
     # -- 1. Set-up --------------------------------------------------------------------
     r = build(family, config, workdir, overwrite, model)
     config, workdir, tasks = r.config, r.workdir, r.family
@@ -184,10 +185,12 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
     start = int(r.step.numpy())
     logging.info("%s at iteration %d of %d in %s", "Resuming" if restored else "Starting",
                  start, config.num_iterations, workdir)
-    write_hparams(config, workdir)
+    metrics.write_hparams(config, workdir)
     history = load_history(workdir, start)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
     schedule = Schedule(config)
+    hooks = callbacks_lib.RunCallbacks(callbacks, r.model, config.num_iterations)
+    hooks.begin()
     t0 = time.time()
     with writer.as_default(), checkpointing.training_session(workdir, start) as session:
         # -- 3. The family's training session --------------------------------------------
@@ -206,36 +209,29 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
                 r.manager.save(checkpoint_number=step)
                 raise RunInterrupted(stop.requested, step)
             if schedule.log(step):
-                tasks.log(r, step)
+                hooks.window(step, tasks.log(r, step))
             if schedule.validate(step):
                 _validate(r, step, history)
-            if schedule.checkpoint(step):
+                hooks.validated(step, history[-1])
+            if schedule.checkpoint(step) or hooks.stop_requested:
                 r.manager.save(checkpoint_number=step)
                 session.record()   # a kill -9 from here on keeps this session's time
+            if hooks.stop_requested and step < config.num_iterations:
+                logging.warning("A callback stopped meta-training after iteration %d (checkpoint "
+                                "ckpt-%d); evaluating it. The same command resumes the training.",
+                                step, step)
+                break
     train_seconds = time.time() - t0
     if stop.requested:   # during the last validation: the final checkpoint is saved
-        raise RunInterrupted(stop.requested, config.num_iterations)
+        raise RunInterrupted(stop.requested, int(r.step.numpy()))
     # -- 5. Final evaluation --------------------------------------------------------------
-    stop.at_once(config.num_iterations)
+    done = int(r.step.numpy())
+    stop.at_once(done)
     logging.info("Final evaluation of ckpt-%d (a stop signal now ends it at once; the same "
-                 "command evaluates again).", config.num_iterations)
-    return final_evaluation(r, train_seconds, start)
-
-
-def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
-    """The run's flags that apply to it (those of its config.json) as HParams values."""
-    return {key: ",".join(str(v) for v in value) if isinstance(value, list) else value
-            for section in config.to_dict().values() for key, value in section.items()}
-
-
-def write_hparams(config: Config, workdir: str) -> None:
-    """TensorBoard's HParams dashboard: the run is a session whose hyperparameters are its
-    flags, written at the workdir's root, so that ``tensorboard --logdir`` on a directory of
-    runs (a sweep, a seed group) lists them all in one table; its metrics are the scalars the
-    run writes below it: validation under ``train/``, the final test under ``eval/``, after
-    each inner step. Written at the start of every training session (the same values)."""
-    with tf.summary.create_file_writer(workdir).as_default():
-        hp.hparams(hparams_of(config), trial_id=os.path.basename(os.path.normpath(workdir)))
+                 "command evaluates again).", done)
+    results = final_evaluation(r, train_seconds, start)
+    hooks.end(results)
+    return results
 
 
 def _validate(r: Run, step: int, history: list) -> None:

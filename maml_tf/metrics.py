@@ -1,12 +1,17 @@
-"""Training metrics: Keras ``Mean`` accumulators -> console line + ``tf.summary``, then reset."""
+"""Training metrics: Keras ``Mean`` accumulators -> console line + ``tf.summary``, then reset;
+evaluation scalars, the TensorBoard layout and the HParams summaries of a run."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorboard.plugins.hparams import api as hp
+
+from maml_tf.config import Config
 
 
 class TrainMetrics:
@@ -106,3 +111,19 @@ def write_layout(regression: bool) -> None:
                                                               chart=charts)])
     tf.summary.experimental.write_raw_pb(
         summary_v1.custom_scalar_pb(layout).SerializeToString(), step=0)
+
+
+def hparams_of(config: Config) -> dict[str, bool | int | float | str]:
+    """The run's flags that apply to it (those of its config.json) as HParams values."""
+    return {key: ",".join(str(v) for v in value) if isinstance(value, list) else value
+            for section in config.to_dict().values() for key, value in section.items()}
+
+
+def write_hparams(config: Config, workdir: str) -> None:
+    """TensorBoard's HParams dashboard: the run is a session whose hyperparameters are its
+    flags, written at the workdir's root, so that ``tensorboard --logdir`` on a directory of
+    runs (a sweep, a seed group) lists them all in one table; its metrics are the scalars the
+    run writes below it: validation under ``train/``, the final test under ``eval/``, after
+    each inner step. Written at the start of every training session (the same values)."""
+    with tf.summary.create_file_writer(workdir).as_default():
+        hp.hparams(hparams_of(config), trial_id=os.path.basename(os.path.normpath(workdir)))

@@ -135,13 +135,14 @@ class RLFamily(TaskFamily):
                     "--max_kl (--meta_lr with adam), or pass --on_nan=skip to skip such updates.")
         return None
 
-    def log(self, run: Run, step: int) -> None:
+    def log(self, run: Run, step: int) -> dict[str, float]:
         means = {k: float(np.mean(v)) for k, v in self._window.items()}
         for k, v in means.items():
             tf.summary.scalar(k, v, step=step)
         logging.info("step %d/%d  %s", step, run.config.num_iterations,
                      "  ".join(f"{k}={v:.4g}" for k, v in means.items()))
         self._window = {}
+        return means
 
     def validate(self, run: Run, step: int) -> dict:
         config = run.config
