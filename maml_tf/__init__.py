@@ -32,6 +32,44 @@ _CACHE = _os.environ.get("MAML_TF_CACHE") or _os.path.join(
 _os.environ.setdefault("KERAS_HOME", _os.path.join(_CACHE, "keras"))
 _os.environ.setdefault("MPLCONFIGDIR", _os.path.join(_CACHE, "matplotlib"))
 
+
+def _import_tensorflow_once() -> None:
+    """Imports TensorFlow, showing its start-up notices once: TF 2.21's two native libraries
+    each print them ("All log messages before absl::InitializeLog() ...", "oneDNN custom
+    operations are on ..."). Its stderr goes to a file meanwhile; every other line is
+    passed on unchanged."""
+    import re
+    import sys
+    import tempfile
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        fd = sys.stderr.fileno()
+        saved = _os.dup(fd)
+    except (AttributeError, OSError, ValueError):   # no real stderr (a notebook): as it is
+        import tensorflow  # noqa: F401
+        return
+    with tempfile.TemporaryFile() as caught:
+        _os.dup2(caught.fileno(), fd)
+        try:
+            import tensorflow  # noqa: F401,F811
+        finally:
+            _os.dup2(saved, fd)
+            _os.close(saved)
+            caught.seek(0)
+            seen = set()
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                # The same notice differs only in its time stamp and thread id.
+                key = re.sub(r"^[IWEF]\d{4} [\d:.]+\s+\d+ ", "", line)
+                if key not in seen:
+                    seen.add(key)
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+_import_tensorflow_once()
+
 from maml_tf.config import Config, ConfigError  # noqa: E402
 from maml_tf.data.episode import Episode  # noqa: E402
 from maml_tf.algorithms import (ANIL, BOIL, CAVIA, CNP, FOMAML, IMAML, MAML, MANN,  # noqa: E402

@@ -91,6 +91,7 @@ class SupervisedFamily(TaskFamily):
         ``data.python_source.prepare`` returns it; None for every other data set."""
         del config   # everything else is read from the run's config
         self._data = data
+        self._eval_compiled: set[int] = set()
 
     # -- set-up -------------------------------------------------------------------------
     def make_model(self, config: Config, model_fn: Callable | None) -> keras.Model:
@@ -188,12 +189,13 @@ class SupervisedFamily(TaskFamily):
                     "such updates.")
         return None
 
-    def log(self, run: Run, step: int) -> None:
+    def log(self, run: Run, step: int) -> dict[str, float]:
         config = run.config
-        self._window.write(step, step - self._timed_from, config.meta_batch_size,
-                           config.num_iterations, current_lr(run.optimizer))
+        values = self._window.write(step, step - self._timed_from, config.meta_batch_size,
+                                    config.num_iterations, current_lr(run.optimizer))
         run.learner.write_summaries(step)
         self._last_log = self._timed_from = step
+        return values
 
     def validate(self, run: Run, step: int) -> dict:
         config = run.config
@@ -219,6 +221,12 @@ class SupervisedFamily(TaskFamily):
         for shot in run.config.test_shots:
             source, data = self._source(run.config, split)
             ds = _eval_dataset(run, source, split, num_tasks, shot, data)
+            if shot not in self._eval_compiled:
+                # The first evaluation of each shot traces and compiles the evaluation step.
+                self._eval_compiled.add(shot)
+                logging.info("Compiling the evaluation step for %d-shot tasks%s (the first %s "
+                             "includes it) ...", shot, " with XLA" if run.config.jit_compile
+                             else "", "validation" if split == "val" else "evaluation")
             out[f"{shot}shot"] = evaluation.evaluate(self._eval_step, ds, num_tasks,
                                                      run.config.is_regression)
         return out

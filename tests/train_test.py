@@ -203,6 +203,17 @@ def test_each_kind_of_flagfile_runs_two_iterations(cfg, flagfile_runs):
     assert results["protocol"]["checkpoint_step"] == 2
 
 
+def test_tensorflow_start_up_notices_are_shown_once():
+    # TF 2.21 prints them twice, once per native library; the same notice differs by its
+    # time stamp only.
+    proc = subprocess.run([sys.executable, "-c", "import maml_tf"], cwd=ROOT,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for notice in ("All log messages before absl::InitializeLog()", "oneDNN custom operations"):
+        assert proc.stderr.count(notice) <= 1, proc.stderr
+
+
 def test_entry_point_reports_bad_flags_clearly(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     bad = subprocess.run([sys.executable, "-m", "maml_tf.train", f"--workdir={tmp_path}",
@@ -432,6 +443,9 @@ def test_console_says_when_it_compiles_and_tensorboard_groups_the_inner_steps(tm
     with caplog.at_level(py_logging.INFO, logger="absl"):
         api.train(smoke(), workdir)
     assert "Compiling the meta-step" in caplog.text and "Compiled the meta-step in" in caplog.text
+    # Once per test shot (the smoke run validates 3- and 5-shot tasks), at the first validation.
+    assert caplog.text.count("Compiling the evaluation step for") == 2
+    assert "Compiling the evaluation step for 3-shot tasks with XLA (the first validation" in caplog.text
     tensors, _ = _tags(os.path.join(workdir, "train"))
     assert "custom_scalars__config__" in tensors
 
