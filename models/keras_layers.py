@@ -18,6 +18,9 @@ own, written so that every derivative is exact:
 * Convolutions are native at stride 1 (a custom gradient made of convolutions), else
   im2col + one batched matmul (see ``models.layers.conv2d``).
 
+The sequence layers (``Conv1D``, 1-D pools, ``Embedding``, ``LSTM``, ``GRU``, spatial
+dropout) are in ``models.keras_sequences``; both tables meet in ``SUPPORTED``.
+
 ``SUPPORTED`` maps a layer class (exactly; a subclass may change ``call``) to
 ``(check, fn)``: ``check(layer)`` returns why this configuration is not supported, or
 None. The elementwise ``keras.ops`` that a Functional model records as graph nodes
@@ -33,40 +36,10 @@ import tensorflow as tf
 
 from maml_tf.models import layers as L
 
-# -- helpers ----------------------------------------------------------------------------
-
-
-def _axis(axis: int, rank: int) -> int:
-    """An axis of the per-example tensor (batch axis 0, as Keras counts) -> the same axis
-    of the task-batched tensor ``[T, N, ...]`` of rank ``rank``."""
-    return axis + 1 if axis >= 0 else rank + axis
-
-
-def _channels_last(layer) -> str | None:
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        return "data_format='channels_first' (use channels_last, the TensorFlow default)"
-    return None
-
-
-def _activation(layer, x):
-    activation = getattr(layer, "activation", None)
-    return x if activation is None else activation(x)
-
-
-def _bias(ctx, layer, out):
-    if not getattr(layer, "use_bias", False):
-        return out
-    b = ctx.weight(layer.bias)                       # [T, C]
-    return out + tf.reshape(b, [-1] + [1] * (out.shape.rank - 2) + [b.shape[-1]])
-
-
-def _plain(layer) -> str | None:
-    """Configurations of Dense / Conv layers that change their math: refused."""
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA is enabled"
-    if getattr(layer, "quantization_mode", None):
-        return f"it is quantized ({layer.quantization_mode})"
-    return None
+from maml_tf.models import keras_sequences
+from maml_tf.models.keras_common import (activation as _activation, bias as _bias,
+                                         channels_last as _channels_last, ok as _ok,
+                                         plain as _plain, task_axis as _axis)
 
 
 # -- weighted layers --------------------------------------------------------------------
@@ -96,6 +69,46 @@ def _conv2d(layer, ctx, x, **_):
 def _depthwise_conv2d(layer, ctx, x, **_):
     out = L.depthwise_conv2d(x, ctx.weight(layer.kernel), layer.strides, layer.padding,
                              layer.dilation_rate)
+    return _activation(layer, _bias(ctx, layer, out))
+
+
+def _separable_conv2d(layer, ctx, x, **_):
+    depthwise = L.depthwise_conv2d(x, ctx.weight(layer.depthwise_kernel), layer.strides,
+                                   layer.padding, layer.dilation_rate)
+    out = L.conv2d(depthwise, ctx.weight(layer.pointwise_kernel))     # 1x1
+    return _activation(layer, _bias(ctx, layer, out))
+
+
+def _conv2d_transpose_check(layer):
+    if layer.output_padding is not None:
+        return "output_padding is set"
+    if tuple(layer.dilation_rate) != (1, 1):
+        return "dilation_rate > 1"
+    return _channels_last(layer) or _plain(layer)
+
+
+def _conv2d_transpose(layer, ctx, x, **_):
+    """The transpose (gradient) of a stride-s convolution as a stride-1 one: zeros between
+    the inputs, padding, and the kernel flipped with its channel axes swapped."""
+    kernel = ctx.weight(layer.kernel)                     # [T, kh, kw, Cout, Cin]
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
+    t, n, h, w, c = (tf.shape(x)[0], tf.shape(x)[1]) + tuple(x.shape[2:])
+    if (sh, sw) != (1, 1):   # [T, N, (h-1)*sh+1, (w-1)*sw+1, C]
+        x = tf.reshape(tf.pad(x[:, :, :, None, :, None], [[0, 0]] * 3 + [[0, sh - 1], [0, 0],
+                                                                         [0, sw - 1], [0, 0]]),
+                       [t, n, h * sh, w * sw, c])[:, :, :(h - 1) * sh + 1, :(w - 1) * sw + 1]
+    pads = []
+    for size, k, s in ((h, kh, sh), (w, kw, sw)):
+        if layer.padding == "valid":
+            pads.append([k - 1, k - 1])
+            continue
+        total = max(k - s, 0)   # the padding of the forward "same" convolution
+        before, after = k - 1 - total // 2, k - 1 - (total - total // 2)
+        after += size * s - ((size - 1) * s + 1 + before + after - k + 1)
+        pads.append([before, after])
+    x = tf.pad(x, [[0, 0], [0, 0], pads[0], pads[1], [0, 0]])
+    flipped = tf.transpose(kernel[:, ::-1, ::-1], [0, 1, 2, 4, 3])
+    out = L.conv2d(x, flipped, (1, 1), "valid")
     return _activation(layer, _bias(ctx, layer, out))
 
 
@@ -146,6 +159,27 @@ def _layer_norm(layer, ctx, x, **_):
         out = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + layer.epsilon)
         return out if gamma is None else out * gamma
     return L.normalize(x, axes, gamma, beta, layer.epsilon)
+
+
+def _group_norm(layer, ctx, x, **_):
+    """Per example, over the spatial axes and the channels of each group (exact variance)."""
+    rank, groups = x.shape.rank, layer.groups
+    c = x.shape[-1]
+    grouped = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [groups, c // groups]], 0))
+    shape = [-1] + [1] * (rank - 2) + [groups, c // groups]
+    gamma = tf.reshape(ctx.weight(layer.gamma), shape) if layer.scale else None
+    beta = tf.reshape(ctx.weight(layer.beta), shape) if layer.center else None
+    out = L.normalize(grouped, list(range(2, rank - 1)) + [rank], gamma, beta, layer.epsilon)
+    return tf.reshape(out, tf.shape(x))
+
+
+def _unit_norm(layer, ctx, x, **_):
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    axes = [_axis(a, x.shape.rank) for a in axes]
+    # Keras: x * min(rsqrt(sum x^2), 1 / 1e-12).
+    inv = tf.minimum(tf.math.rsqrt(tf.reduce_sum(tf.square(x), axes, keepdims=True)),
+                     tf.cast(1e12, x.dtype))
+    return x * inv
 
 
 def _prelu(layer, ctx, x, **_):
@@ -253,10 +287,6 @@ def _identity(layer, ctx, x, **_):
     return x
 
 
-def _ok(layer):
-    return None
-
-
 def _registry() -> dict:
     layers = keras.layers
     table = {
@@ -291,6 +321,13 @@ def _registry() -> dict:
         layers.UpSampling2D: (_upsampling2d_check, _upsampling2d),
         layers.Rescaling: (_ok, _rescaling),
         layers.Identity: (_ok, _identity),
+        layers.SeparableConv2D: (lambda layer: _channels_last(layer) or _plain(layer),
+                                 _separable_conv2d),
+        layers.Conv2DTranspose: (_conv2d_transpose_check, _conv2d_transpose),
+        layers.GroupNormalization: (lambda layer: None if layer.axis in (-1, None) else
+                                    f"axis={layer.axis} (only the last axis)", _group_norm),
+        layers.UnitNormalization: (_ok, _unit_norm),
+        **keras_sequences.table(),
     }
     return table
 
