@@ -14,7 +14,7 @@ from absl import flags as absl_flags
 
 # Defines the absl flags: this module is imported by the entry points only.
 from maml_tf import flags as maml_flags
-from maml_tf import grid
+from maml_tf import distribute, grid
 from maml_tf.config import OWNER as C_OWNER, Config, ConfigError
 from maml_tf.data.errors import DataError
 from maml_tf.models.functional import InexactModelError
@@ -51,6 +51,12 @@ def user_errors(verbose: bool):
             "space and run the same command: a checkpoint cut short is never the one resumed "
             "from (the previous one is kept). If memory ran out, lower --meta_batch_size or "
             "use --task_chunks / --inner_recompute. (--verbosity=1 shows the traceback)") from None
+    except tf.errors.OpError as e:
+        lost = distribute.lost_worker(e)
+        if lost is None or verbose:
+            raise
+        print(lost, file=sys.stderr)
+        raise SystemExit(distribute.LOST_WORKER_EXIT) from None
     except tuple(k for k, _ in _KINDS) as e:
         if verbose:
             raise

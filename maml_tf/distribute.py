@@ -1,4 +1,7 @@
-"""``make_strategy(config)``: the one ``tf.distribute`` strategy of a run.
+"""``make_strategy(config)``: the one ``tf.distribute`` strategy of a run, and the
+multi-worker fault handling: a stop signal on any worker is agreed by all (``any_worker``),
+and a lost worker ends the others with one paragraph and ``LOST_WORKER_EXIT``
+(``lost_worker``).
 
 On a machine without accelerators, ``--cpu_devices=N`` splits the CPU into N logical
 devices, so that ``--strategy=mirrored`` runs N replicas on one host (how the tests
@@ -11,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -164,6 +168,43 @@ def _multi_worker_strategy() -> tf.distribute.Strategy:
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=impl.AUTO if tf.config.list_physical_devices("GPU") else impl.RING)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """Whether ``flag`` is true on any worker of a multi-worker ``strategy`` (a one-number
+    all-reduce that every worker must call at the same point); ``flag`` elsewhere."""
+    if not getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+        return flag
+    value = strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+    return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) > 0)
+
+
+# The exit code of a worker whose cluster lost a worker: a cluster manager (maml_tf.launch,
+# Kubernetes, Slurm) restarts the whole cluster, which resumes from the last checkpoint.
+LOST_WORKER_EXIT = 75   # EX_TEMPFAIL
+
+
+def lost_worker(error: BaseException) -> str | None:
+    """One paragraph for an error of a multi-worker run that means a worker was lost (died,
+    stopped or unreachable), naming it; None for any other error."""
+    if not tf_config() or not isinstance(error, (tf.errors.UnavailableError,
+                                                 tf.errors.AbortedError,
+                                                 tf.errors.DeadlineExceededError,
+                                                 tf.errors.CancelledError,
+                                                 tf.errors.InternalError)):
+        return None
+    text = str(error)
+    unhealthy = text.split("unhealthy", 1)[-1] if "unhealthy" in text else text
+    tasks = sorted({f"{kind} {index}" for kind, index in
+                    re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", unhealthy)})
+    me = tf_config()["task"]
+    tasks = [t for t in tasks if t != f"{me['type']} {me.get('index', 0)}"] or tasks
+    who = " and ".join(tasks) if tasks else "a worker of the cluster"
+    return (f"Lost {who} of the multi-worker cluster (it died, was stopped or became "
+            f"unreachable), so this {me['type']} {me.get('index', 0)} stopped too. The last "
+            f"checkpoint is intact: restart every worker with the same command to resume from it "
+            f"(maml_tf.launch does so by itself; exit code {LOST_WORKER_EXIT} asks a cluster "
+            f"manager to restart). TensorFlow said: {text.strip().splitlines()[0][:200]}")
 
 
 def _on_tpu_host() -> bool:

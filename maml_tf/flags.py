@@ -257,6 +257,12 @@ flags.DEFINE_integer("checkpoint", None, "maml_tf.export: the checkpoint step to
                      "(ckpt-N); default the newest that loads.")
 EXPORT_FLAGS = ("format", "out", "checkpoint")
 
+# -- launch (python -m maml_tf.launch) --------------------------------------------------
+flags.DEFINE_integer("workers", 2, "maml_tf.launch: how many workers to start on this machine.")
+flags.DEFINE_integer("max_restarts", 3, "maml_tf.launch: how often to restart the whole "
+                     "cluster after a lost or preempted worker.")
+LAUNCH_FLAGS = ("workers", "max_restarts")
+
 
 def passed_flags(values: flags.FlagValues, exclude: Sequence[str] = ()) -> list[str]:
     """The run flags given on the command line (flagfiles expanded), as ``--name=value``
@@ -271,7 +277,8 @@ def sectioned_help(values: flags.FlagValues, doc: str = "",
     optimisation, evaluation, run, reinforcement learning), each with its help and default.
     only: the flags that this entry point takes (None: all)."""
     lines = [doc.strip(), ""] if doc else []
-    groups = [("Command", COMMAND_FLAGS), ("Export", EXPORT_FLAGS)] + [(s.TITLE, s.field_names()) for s in C.SECTIONS]
+    groups = [("Command", COMMAND_FLAGS), ("Export", EXPORT_FLAGS),
+              ("Launch", LAUNCH_FLAGS)] + [(s.TITLE, s.field_names()) for s in C.SECTIONS]
     for title, names in groups:
         shown = [n for n in names if n in values and (only is None or n in only)]
         if not shown:

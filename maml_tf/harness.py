@@ -83,6 +83,13 @@ class StopSignals:
         logging.warning("%s received: stopping after this iteration (send it again to stop at "
                         "once, without a checkpoint).", signal.Signals(signum).name)
 
+    def reinstall(self) -> None:
+        """Takes SIGTERM and SIGINT back (TensorFlow's multi-worker coordination agent
+        installs its own SIGTERM handler as it starts, which only logs the signal)."""
+        if self._previous:
+            for sig in self._previous:
+                signal.signal(sig, self._handle)
+
     def at_once(self, step: int) -> None:
         """From now on (the final evaluation: training ended with checkpoint ``ckpt-step``), a
         stop signal stops at once, and the same command evaluates again."""
@@ -178,6 +185,7 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
            stop: StopSignals, callbacks) -> dict:
     # -- 1. Set-up --------------------------------------------------------------------
     r = build(family, config, workdir, overwrite, model)
+    stop.reinstall()
     config, workdir, tasks = r.config, r.workdir, r.family
     _preflight(r)
     # -- 2. Restore-or-init -------------------------------------------------------------
@@ -205,9 +213,10 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
                 raise NonFiniteError(f"{problem} The update was not applied and no checkpoint "
                                      "of it was written.")
             session.to_iteration = step
-            if stop.requested:
+            # All workers of a multi-worker run stop at the same iteration, whichever got the signal.
+            if distribute.any_worker(r.strategy, stop.requested is not None):
                 r.manager.save(checkpoint_number=step)
-                raise RunInterrupted(stop.requested, step)
+                raise RunInterrupted(stop.requested or signal.SIGTERM, step)
             if schedule.log(step):
                 hooks.window(step, tasks.log(r, step))
             if schedule.validate(step):

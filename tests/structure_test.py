@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Folders of the repository and the package names they install as (setup.py package_dir).
 FOLDERS = {"maml_tf": "maml_tf", "models": "maml_tf.models", "data": "maml_tf.data"}
 ENTRY_POINTS = {"maml_tf.train", "maml_tf.evaluate", "maml_tf.plot_curve", "maml_tf.report",
-                "maml_tf.sweep", "maml_tf.export"}
+                "maml_tf.sweep", "maml_tf.export", "maml_tf.launch"}
 # Floors, lowest first: a unit may import its own floor's and lower floors' units only.
 FLOORS = [
     {"maml_tf.version", "maml_tf.config", "maml_tf.seeds", "maml_tf.papers"},
