@@ -195,7 +195,7 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
                  start, config.num_iterations, workdir)
     metrics.write_hparams(config, workdir)
     history = load_history(workdir, start)
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
+    writer = metrics.writer(os.path.join(workdir, "train"))
     schedule = Schedule(config)
     hooks = callbacks_lib.RunCallbacks(callbacks, r.model, config.num_iterations)
     hooks.begin()
@@ -307,7 +307,7 @@ def final_evaluation(r: Run, train_seconds: float = 0.0, start: int = 0,
     path = os.path.join(r.workdir, f"{name}.json")
     t0 = time.time()
     events = os.path.join(r.workdir, "eval", "" if name == "results" else name)
-    with tf.summary.create_file_writer(events).as_default():
+    with metrics.writer(events).as_default():
         out = r.family.evaluate(r, summaries=not _already_written(path, step))
     results = {
         "protocol": out.protocol,

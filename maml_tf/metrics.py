@@ -11,6 +11,7 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hp
 
+from maml_tf import distribute
 from maml_tf.config import Config
 
 
@@ -125,5 +126,14 @@ def write_hparams(config: Config, workdir: str) -> None:
     runs (a sweep, a seed group) lists them all in one table; its metrics are the scalars the
     run writes below it: validation under ``train/``, the final test under ``eval/``, after
     each inner step. Written at the start of every training session (the same values)."""
-    with tf.summary.create_file_writer(workdir).as_default():
+    with writer(workdir).as_default():
         hp.hparams(hparams_of(config), trial_id=os.path.basename(os.path.normpath(workdir)))
+
+
+def writer(logdir: str):
+    """A TensorBoard writer of ``logdir``; on the non-chief workers of a multi-worker run one
+    that writes nothing, so that TensorBoard on the workdir shows the run once (their
+    checkpoints, which saving needs, are all they write, below ``workdir/workers/``)."""
+    if not distribute.is_chief():
+        return tf.summary.create_noop_writer()
+    return tf.summary.create_file_writer(logdir)

@@ -81,6 +81,10 @@ def test_a_lost_worker_stops_the_other_and_the_launcher_restarts_the_cluster(tmp
     assert results["protocol"]["checkpoint_step"] == 500
     sessions = json.load(open(os.path.join(workdir, "sessions.json")))
     assert len(sessions) == 2 and sessions[1]["from_iteration"] >= 100
+    # TensorBoard on the workdir sees the run once: worker 1 writes its checkpoints only.
+    events = glob.glob(os.path.join(workdir, "**", "events.out.tfevents*"), recursive=True)
+    assert events and not [e for e in events if "/workers/" in e]
+    assert glob.glob(os.path.join(workdir, "workers", "worker-1", "checkpoints", "ckpt-*"))
 
 
 @pytest.mark.isolated
@@ -88,6 +92,8 @@ def test_sigterm_stops_every_worker_at_one_checkpoint_and_the_resume_is_bitwise(
     straight = str(tmp_path / "straight")
     code, out = finish(launch(straight))
     assert code == 0, out[-4000:]
+    # A normal end: both workers exit 0, with no crash message.
+    assert "crashed" not in out and "Traceback" not in out, out[-4000:]
 
     stopped = str(tmp_path / "stopped")
     proc = launch(stopped)
