@@ -64,6 +64,57 @@ def user_errors(verbose: bool):
         raise SystemExit(f"{kind}: {e} (--verbosity=1 shows the traceback)") from None
 
 
+def supervised_worker(argv: Sequence[str]) -> int:
+    """Runs this multi-worker command (``argv``) as a child process and returns its exit
+    code, so that the worker honours SIGTERM while it waits for its peers to start: there
+    TensorFlow's coordination agent takes SIGTERM over and holds Python's lock, so the
+    worker itself cannot act on it. Before the child reports the cluster started
+    (``distribute.STARTED_FD``), a stop signal kills it at once (nothing is written yet);
+    afterwards the signal is passed on and the run stops with a checkpoint as usual."""
+    import signal
+    import subprocess
+    import threading
+    read_end, write_end = os.pipe()
+    child = subprocess.Popen([sys.executable, "-m", *argv],
+                             env={**os.environ, distribute.STARTED_FD: str(write_end)},
+                             pass_fds=(write_end,), preexec_fn=_die_with_parent)
+    os.close(write_end)
+    started = threading.Event()
+
+    def wait_for_start():
+        if os.read(read_end, 1):   # empty: the child ended first
+            started.set()
+    threading.Thread(target=wait_for_start, daemon=True).start()
+    stopped: list[int] = []
+
+    def on_signal(signum, frame):
+        stopped.append(signum)
+        if started.is_set():
+            child.send_signal(signum)
+        else:
+            child.kill()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped and not started.is_set():
+        print(f"Stopped by {signal.Signals(stopped[0]).name} while waiting for the cluster's other "
+              "workers to start (TF_CONFIG), before anything of the run was written; start all "
+              "workers to run it (python -m maml_tf.launch starts a local cluster).", file=sys.stderr)
+        return 128 + stopped[0]
+    return 128 - code if code < 0 else code
+
+
+def _die_with_parent() -> None:
+    """In a child process (Linux): SIGKILL when its parent dies, so that a supervised worker
+    never outlives a supervisor killed with ``kill -9``."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)   # PR_SET_PDEATHSIG, SIGKILL
+
+
 def no_positional(argv: Sequence[str]) -> None:
     """Exits with one line when the command line holds an argument that is not a flag (absl
     would print the whole --help before its refusal)."""

@@ -167,7 +167,17 @@ def _multi_worker_strategy() -> tf.distribute.Strategy:
     impl = tf.distribute.experimental.CommunicationImplementation
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=impl.AUTO if tf.config.list_physical_devices("GPU") else impl.RING)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    fd = os.environ.pop(STARTED_FD, None)
+    if fd:   # tell the supervising process (cli.supervised_worker) the wait is over
+        os.write(int(fd), b"1")
+        os.close(int(fd))
+    return strategy
+
+
+# The environment variable naming the pipe on which a supervised multi-worker process says
+# that every worker of the cluster has started (see ``cli.supervised_worker``).
+STARTED_FD = "MAML_TF_STARTED_FD"
 
 
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:

@@ -201,8 +201,7 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
     hooks.begin()
     t0 = time.time()
     with writer.as_default(), checkpointing.training_session(workdir, start) as session:
-        # -- 3. The family's training session --------------------------------------------
-        tasks.start_training(r, start)
+        tasks.start_training(r, start)   # -- 3. The family's training session
         # -- 4. Loop ----------------------------------------------------------------------
         if start and schedule.validate(start) and not any(h["step"] == start for h in history):
             # The last session stopped in this validation and saved its checkpoint first.
@@ -239,6 +238,7 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
     logging.info("Final evaluation of ckpt-%d (a stop signal now ends it at once; the same "
                  "command evaluates again).", done)
     results = final_evaluation(r, train_seconds, start)
+    distribute.any_worker(r.strategy, False)   # a barrier: the workers of a cluster end together
     hooks.end(results)
     return results
 

@@ -38,7 +38,8 @@ def wait_for(path, proc, timeout=240):
 
 
 def worker_pid(workdir, index):
-    """The process of worker ``index`` of the run in ``workdir`` (from /proc)."""
+    """The TensorFlow process of worker ``index`` of the run in ``workdir`` (from /proc; not
+    its supervising parent, cli.supervised_worker)."""
     for env_path in glob.glob("/proc/[0-9]*/environ"):
         try:
             cmd = open(env_path.replace("environ", "cmdline"), "rb").read()
@@ -46,7 +47,7 @@ def worker_pid(workdir, index):
         except OSError:
             continue
         if f"--workdir={workdir}".encode() in cmd and b"maml_tf.train" in cmd and \
-                f'"index": {index}'.encode() in env:
+                f'"index": {index}'.encode() in env and b"MAML_TF_STARTED_FD" in env:
             return int(env_path.split("/")[2])
     raise AssertionError(f"worker {index} not found")
 
@@ -114,3 +115,33 @@ def test_sigterm_stops_every_worker_at_one_checkpoint_and_the_resume_is_bitwise(
     assert a.keys() == b.keys() and a
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_worker_waiting_for_a_missing_peer_ends_on_sigterm(tmp_path):
+    import socket
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    workdir = str(tmp_path / "run")
+    config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+              "task": {"type": "worker", "index": 0}}
+    proc = subprocess.Popen([sys.executable, "-m", "maml_tf.train", f"--workdir={workdir}", *RUN,
+                             "--strategy=multi_worker"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TF_CONFIG": json.dumps(config)})
+    t0 = time.time()
+    while time.time() - t0 < 120:   # until TensorFlow's start-up waits for worker 1
+        try:
+            worker_pid(workdir, 0)
+            break
+        except AssertionError:
+            time.sleep(0.5)
+    time.sleep(10)
+    proc.send_signal(signal.SIGTERM)
+    t1 = time.time()
+    code, out = finish(proc, timeout=30)
+    assert time.time() - t1 < 30
+    assert code == 143 and "while waiting for the cluster's other workers to start" in out, out
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
