@@ -69,6 +69,9 @@ def weights(workdir, step):
 
 @pytest.mark.isolated
 def test_a_lost_worker_stops_the_other_and_the_launcher_restarts_the_cluster(tmp_path):
+    straight = str(tmp_path / "straight")
+    code, out = finish(launch(straight))
+    assert code == 0, out[-4000:]
     workdir = str(tmp_path / "run")
     proc = launch(workdir)
     wait_for(os.path.join(workdir, "checkpoints", "ckpt-100.index"), proc)
@@ -86,6 +89,11 @@ def test_a_lost_worker_stops_the_other_and_the_launcher_restarts_the_cluster(tmp
     events = glob.glob(os.path.join(workdir, "**", "events.out.tfevents*"), recursive=True)
     assert events and not [e for e in events if "/workers/" in e]
     assert glob.glob(os.path.join(workdir, "workers", "worker-1", "checkpoints", "ckpt-*"))
+    # Resumed from the checkpoint before the kill, the run ends bitwise as an uninterrupted one.
+    a, b = weights(straight, 500), weights(workdir, 500)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 @pytest.mark.isolated
