@@ -25,16 +25,30 @@ _KINDS = ((InexactModelError, "Model error"), (ConfigError, "Configuration error
           (DataError, "Data error"), (NonFiniteError, "Stopped"), (OSError, "File system error"))
 
 
+def _stopped(code: int, leave_process: bool):
+    """The exit of a run stopped by a signal. ``leave_process``: at once, without the
+    interpreter's teardown. The stop was raised deep inside TensorFlow's calls, and the
+    traceback keeps their objects (data iterators, writers) alive until the teardown destroys
+    them in no fixed order, which crashed one process in a CI run (SIGSEGV after the
+    checkpoint was saved). Everything of the run is written and closed by then."""
+    if leave_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return SystemExit(code)
+
+
 @contextlib.contextmanager
-def user_errors(verbose: bool):
+def user_errors(verbose: bool, leave_process: bool = False):
     """Turns the errors of ``_KINDS`` into ``SystemExit`` with one paragraph (re-raised as
-    they are when ``verbose``) and ``RunInterrupted`` into its exit code."""
+    they are when ``verbose``) and ``RunInterrupted`` into its exit code (``leave_process``:
+    the entry points leave at once then; see ``_stopped``)."""
     import tensorflow as tf   # the entry points have imported it already
     try:
         yield
     except RunInterrupted as e:
         print(e, file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
+        raise _stopped(e.exit_code, leave_process) from None
     except KeyboardInterrupt as e:
         # A second SIGINT / SIGTERM (harness.StopSignals) or Ctrl-C before the handlers.
         if verbose:
@@ -42,7 +56,7 @@ def user_errors(verbose: bool):
         print(f"Stopped at once ({e or 'interrupted'}), without a checkpoint of the iteration in "
               "progress: the latest checkpoint is intact, and the same command resumes from it.",
               file=sys.stderr)
-        raise SystemExit(130) from None
+        raise _stopped(130, leave_process) from None
     except tf.errors.ResourceExhaustedError as e:
         if verbose:
             raise
@@ -77,7 +91,10 @@ def supervised_worker(argv: Sequence[str]) -> int:
     read_end, write_end = os.pipe()
     child = subprocess.Popen([sys.executable, "-m", *argv],
                              env={**os.environ, distribute.STARTED_FD: str(write_end)},
-                             pass_fds=(write_end,), preexec_fn=_die_with_parent)
+                             pass_fds=(write_end,), preexec_fn=die_with_parent,
+                             # A session of its own: a terminal's Ctrl-C reaches the child
+                             # once, passed on by on_signal, not twice.
+                             start_new_session=True)
     os.close(write_end)
     started = threading.Event()
 
@@ -107,7 +124,7 @@ def supervised_worker(argv: Sequence[str]) -> int:
     return 128 - code if code < 0 else code
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In a child process (Linux): SIGKILL when its parent dies, so that a supervised worker
     never outlives a supervisor killed with ``kill -9``."""
     if sys.platform.startswith("linux"):

@@ -30,7 +30,7 @@ def main(argv):
     # Every run flag given is passed on: one that evaluation cannot honour (--inner_lr) is
     # refused by name instead of being silently ignored.
     overrides = {k: FLAGS[k].value for k in C.OWNER if FLAGS[k].present}
-    with cli.user_errors(verbose=FLAGS.verbosity >= 1):
+    with cli.user_errors(verbose=FLAGS.verbosity >= 1, leave_process=True):
         command = [k for k in maml_flags.COMMAND_FLAGS if k != "workdir" and FLAGS[k].present]
         if command:
             raise C.ConfigError(f"--{command[0]} is a flag of training runs, not of an "

@@ -50,9 +50,12 @@ def _start(workers: int, args: list[str]) -> list[subprocess.Popen]:
     for k in range(workers):
         env = {**os.environ, "TF_CONFIG": json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": k}})}
+        # Each worker in a session of its own (a terminal's Ctrl-C reaches it once, as the
+        # launcher's SIGTERM), dying with the launcher.
         proc = subprocess.Popen([sys.executable, "-m", "maml_tf.train", *args,
                                  "--strategy=multi_worker"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True, preexec_fn=cli.die_with_parent)
         threading.Thread(target=_relay, args=(proc, f"[worker {k}] "), daemon=True).start()
         procs.append(proc)
     return procs

@@ -24,7 +24,7 @@ def main(argv):
     cli.no_positional(argv)
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory that holds this run.")
-    with cli.user_errors(verbose=FLAGS.verbosity >= 1):
+    with cli.user_errors(verbose=FLAGS.verbosity >= 1, leave_process=True):
         config = maml_flags.config_from_flags(FLAGS)
         if config.strategy == "multi_worker" and not FLAGS.seeds and \
                 distribute.STARTED_FD not in os.environ:
