@@ -107,7 +107,10 @@ flags.DEFINE_bool("inner_recompute", _D.inner_recompute, "Gradient checkpointing
                   "inner loop: recompute each inner step in the backward pass (less memory).")
 flags.DEFINE_enum("precision", _D.precision, C.PRECISIONS, "Compute dtype of the inner loop "
                   "and forward passes; meta-weights and losses stay float32. bfloat16 suits "
-                  "TPUs and recent GPUs; float16 has no loss scaling (watch for non-finite steps).")
+                  "TPUs and recent GPUs; float16 has no loss scaling (watch for non-finite steps). "
+                  "mixed_bfloat16: only convolutions and matmuls in bfloat16, through "
+                  "TensorFlow's oneDNN kernels (for CPUs with AMX or AVX-512 BF16), the rest "
+                  "float32 under XLA layer by layer.")
 flags.DEFINE_integer("eval_inner_steps", _D.eval_inner_steps, "Inner steps at evaluation (0: inner_steps).")
 flags.DEFINE_float("inner_lr", _D.inner_lr, "Inner-loop SGD step size (alpha).")
 flags.DEFINE_float("meta_lr", _D.meta_lr, "Learning rate of the outer loop (beta; Reptile's "

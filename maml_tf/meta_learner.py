@@ -27,6 +27,7 @@ import keras
 
 from maml_tf import losses
 from maml_tf.data.episode import Episode, as_episode, to_tensor
+from maml_tf.models import mixed
 from maml_tf.models.functional import (FunctionalModel, inference, tile_for_tasks,
                                        with_support_statistics)
 
@@ -93,7 +94,9 @@ class MetaLearner(tf.Module):
       recompute: gradient checkpointing of the inner loop: keep only the fast weights of
         each step and recompute the step's activations in the backward pass (memory for
         time).
-      compute_dtype: dtype of the inner loop and forward passes (None: the model's).
+      compute_dtype: dtype of the inner loop and forward passes (None: the model's), or
+        ``"mixed_bfloat16"``: float32 everywhere except the convolutions and matmuls
+        (``models.mixed``).
       inner_optimizer: ``"sgd"`` or ``"adam"`` (Adam with beta1 = 0, as Reptile; its
         state starts at zero for every task and is differentiable like SGD).
       allow_inexact: accept (with a warning) a model holding a layer whose second
@@ -119,7 +122,10 @@ class MetaLearner(tf.Module):
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
         self.recompute = bool(recompute)
-        self.compute_dtype = tf.as_dtype(compute_dtype) if compute_dtype else None
+        # --precision=mixed_bfloat16 keeps every weight float32 and only the kernels low.
+        self.kernel_dtype = mixed.PRECISIONS.get(compute_dtype)
+        self.compute_dtype = (tf.as_dtype(compute_dtype) if compute_dtype
+                              and self.kernel_dtype is None else None)
         self.loss_fn, self.metric_fn = losses.resolve(loss, metric)
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}.")
@@ -356,7 +362,7 @@ class MetaLearner(tf.Module):
         (None for those that ``adapted`` leaves frozen)."""
         mask = self.adapted(len(params))
         moving = [p for p, m in zip(params, mask) if m]
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, self._inner_kernels():
             tape.watch(moving)
             out = self.forward_at(params, x, extra, step)
             losses = self.loss_fn(out, y)
@@ -367,6 +373,20 @@ class MetaLearner(tf.Module):
         if first_order:
             grads = [None if g is None else tf.stop_gradient(g) for g in grads]
         return grads, losses
+
+    @contextlib.contextmanager
+    def _inner_kernels(self):
+        """Under --precision=mixed_bfloat16 the inner loop's kernels run in float32. Why:
+        measured on Omniglot 5-way 1-shot (inner step 0.4), bfloat16 support gradients, moved
+        by the inner step, left the meta-gradient at cosine 0.86 to float64's; float32 inner
+        kernels give 0.997, for 3-6% of the step's time (benchmarks/README.md)."""
+        kernel = self.kernel_dtype
+        if kernel is not None:
+            self.kernel_dtype = tf.float32
+        try:
+            yield
+        finally:
+            self.kernel_dtype = kernel
 
     def inner_loop(self, weights: Sequence[tf.Tensor], x: tf.Tensor, y: tf.Tensor, steps: int,
                    first_order: bool | None = None) -> list[list[tf.Tensor]]:
@@ -406,6 +426,9 @@ class MetaLearner(tf.Module):
                                **kwargs) -> tf.Tensor:
         """``stack.apply(params, x)`` (a ``FunctionalModel`` or a ``LayerStack`` of it) in the
         compute dtype; outputs float32."""
+        if self.kernel_dtype is not None:
+            with mixed.kernels_in(self.kernel_dtype):
+                return tf.cast(stack.apply(params, x, **kwargs), tf.float32)
         if self.compute_dtype is None:
             return stack.apply(params, x, **kwargs)
         params = [tf.cast(p, self.compute_dtype) for p in params]

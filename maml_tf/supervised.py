@@ -28,7 +28,7 @@ from maml_tf.data.errors import DataError
 from maml_tf.family import Evaluation, Run, TaskFamily
 from maml_tf.harness import Schedule as _Schedule, current_lr
 from maml_tf.meta_learner import MetaLearner
-from maml_tf.models import get_model, zoo
+from maml_tf.models import get_model, mixed, zoo
 from maml_tf.train_step import make_train_step
 
 # What position i of each list of results.json means, by the learner's metric_axis.
@@ -83,6 +83,11 @@ def network(config: Config, dtype: str = "float32",
     return get_model(config, dtype=dtype, model_fn=model_fn)
 
 
+def _xla(config: Config) -> bool:
+    """One XLA program per step, or one per layer (--precision=mixed_bfloat16)."""
+    return mixed.whole_step_xla(config.precision, config.jit_compile)
+
+
 class SupervisedFamily(TaskFamily):
     """Episodes of ``data.Episode``: few-shot classification and sinusoid regression."""
 
@@ -135,7 +140,7 @@ class SupervisedFamily(TaskFamily):
         if config.is_generic_images and run.manager.latest_checkpoint:
             _check_same_data(run.workdir, data_lib.describe_splits(config, self._data))
         self._eval_step = evaluation.make_eval_step(run.learner, config.test_inner_steps,
-                                                    run.strategy, config.jit_compile,
+                                                    run.strategy, _xla(config),
                                                     config.eval_mode)
 
     def _source(self, config: Config, split: str):
@@ -168,7 +173,7 @@ class SupervisedFamily(TaskFamily):
         batch = next(self._batches)
         first = step == self._start + 1
         if first:
-            logging.info("Compiling the meta-step%s ...", " with XLA" if config.jit_compile else "")
+            logging.info("Compiling the meta-step%s ...", " with XLA" if _xla(config) else "")
         out = self._train_step(batch, first_order, step_metrics)
         if first:
             float(out["loss"])   # wait for it: the first step is the compilation
@@ -225,7 +230,7 @@ class SupervisedFamily(TaskFamily):
                 # The first evaluation of each shot traces and compiles the evaluation step.
                 self._eval_compiled.add(shot)
                 logging.info("Compiling the evaluation step for %d-shot tasks%s (the first %s "
-                             "includes it) ...", shot, " with XLA" if run.config.jit_compile
+                             "includes it) ...", shot, " with XLA" if _xla(run.config)
                              else "", "validation" if split == "val" else "evaluation")
             out[f"{shot}shot"] = evaluation.evaluate(self._eval_step, ds, num_tasks,
                                                      run.config.is_regression)

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from maml_tf.algorithms import train_inner_steps
 from maml_tf.family import Run
+from maml_tf.models import mixed
 
 
 def make_train_step(run: Run):
@@ -36,7 +37,7 @@ def make_train_step(run: Run):
         return [loss, grads[:len(variables)], tf.reduce_mean(per_step.loss, 0),
                 tf.reduce_mean(acc, 0), list(per_step.state_update or [])]
 
-    @tf.function(jit_compile=config.jit_compile)
+    @tf.function(jit_compile=mixed.whole_step_xla(config.precision, config.jit_compile))
     def meta_gradient(weights, episode, iteration, first_order, step_metrics):
         fn = lambda ep: chunk_gradient(weights, ep, iteration, first_order, step_metrics)
         columns = steps + 1 if learner.reports_inner_steps and step_metrics else 1

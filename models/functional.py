@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import types
 import warnings
 from typing import Sequence
@@ -40,6 +41,7 @@ import tensorflow as tf
 
 from maml_tf.models import keras_layers as KL
 from maml_tf.models import layers as L
+from maml_tf.models import mixed
 
 # The mode models run in: training (dropout on) unless inside ``inference()``. Read while
 # a tf.function traces, so the evaluation step traces with dropout off.
@@ -196,22 +198,53 @@ class _Run:
     def run(self, root, x):
         kind, obj = root
         if kind == "chain":
-            for layer in obj:
-                x = self.call(layer, (x,), {})
+            # Under --precision=mixed_bfloat16, each run of layers without kernels between
+            # two that have them (batch norm, ReLU, pooling) is one fused program.
+            for fusable, group in itertools.groupby(obj, key=self._fusable):
+                group = list(group)
+                if fusable:
+                    x = mixed.fused(lambda t, group=group: self.run(("chain", group), t), x,
+                                    compile=self.norm_stats is None and self.collect is None)
+                else:
+                    for layer in group:
+                        x = self.call(layer, (x,), {})
             return x
         return obj._run_through_graph(x, operation_fn=lambda op: (
             lambda *args, **kwargs: self.call(op, args, kwargs)))
 
     def call(self, op, args, kwargs):
-        out = self._call(op, args, kwargs)
-        fn = self.after.get(getattr(op, "name", None))
-        return out if fn is None else fn(out)
-
-    def _call(self, op, args, kwargs):
         if isinstance(op, keras.Model):
             if id(op) not in self.roots:
                 self.roots[id(op)] = _root_of(op)
-            return self.run(self.roots[id(op)], args[0])
+            out = self.run(self.roots[id(op)], args[0])
+        elif self._fusable(op):   # --precision=mixed_bfloat16: fused, in float32
+            out = self._fused(op, args, kwargs)
+        else:
+            out = self._call(op, args, kwargs)
+        fn = self.after.get(getattr(op, "name", None))
+        if fn is not None and mixed.kernel_dtype() is not None:
+            out = tf.cast(out, tf.float32)
+        return out if fn is None else fn(out)
+
+    def _fusable(self, op) -> bool:
+        return (mixed.kernel_dtype() is not None and not isinstance(op, keras.Model)
+                and not _has_kernels(op))
+
+    def _fused(self, op, args, kwargs):
+        flat = tf.nest.flatten((args, kwargs))
+        where = [i for i, v in enumerate(flat) if tf.is_tensor(v)]
+
+        def fn(*tensors):
+            values = list(flat)
+            for i, t in zip(where, tensors):
+                values[i] = t
+            return self._call(op, *tf.nest.pack_sequence_as((args, kwargs), values))
+        # Batch norm that collects or is given statistics appends to a Python list: such a
+        # pass runs in TensorFlow's kernels (evaluation's support mode, MAML++'s BNRS).
+        return mixed.fused(fn, *[flat[i] for i in where],
+                           compile=self.norm_stats is None and self.collect is None)
+
+    def _call(self, op, args, kwargs):
         if isinstance(op, L.TaskBatchedLayer):
             params = [self.weight(v) for v in op.weights]
             if isinstance(op, L.BatchNorm):
@@ -243,6 +276,17 @@ class _Run:
                 y = op(*a, **k)
             outs.append(y)
         return tf.nest.map_structure(lambda *o: tf.stack(o), *outs)
+
+
+def _has_kernels(op) -> bool:
+    """Whether the layer's matmul or convolution follows ``mixed``'s policy (through
+    models.layers.conv2d or mixed.matmul); under --precision=mixed_bfloat16 every other layer
+    runs ``mixed.fused``."""
+    if isinstance(op, (L.Conv2D, L.Dense)):
+        return True
+    entry = KL.SUPPORTED.get(type(op))   # exactly these classes: a subclass may change call
+    return (type(op) in (keras.layers.Dense, keras.layers.Conv2D) and entry is not None
+            and entry[0](op) is None)
 
 
 class FunctionalModel:
@@ -322,7 +366,8 @@ class FunctionalModel:
             if norm_stats is not None or collect is not None or after:
                 raise ValueError("norm_stats / collect / after need a model whose graph can be "
                                  "walked.")
-            return self._per_task_model(params, x, training)
+            with mixed.kernels_in(None):   # Keras' own calls, which the policy does not reach
+                return self._per_task_model(params, x, training)
         run = _Run(self._index, params, training, norm_stats, collect, self._roots, after)
         out = run.run(self._root, x)
         if norm_stats is not None and run.norm_index != len(norm_stats):

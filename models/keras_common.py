@@ -27,7 +27,7 @@ def activation(layer, x):
 def bias(ctx, layer, out):
     if not getattr(layer, "use_bias", False):
         return out
-    b = ctx.weight(layer.bias)                       # [T, C]
+    b = tf.cast(ctx.weight(layer.bias), out.dtype)   # [T, C]; out is bfloat16 when mixed
     return out + tf.reshape(b, [-1] + [1] * (out.shape.rank - 2) + [b.shape[-1]])
 
 

@@ -35,6 +35,7 @@ import keras
 import tensorflow as tf
 
 from maml_tf.models import layers as L
+from maml_tf.models import mixed
 
 from maml_tf.models import keras_sequences
 from maml_tf.models.keras_common import (activation as _activation, bias as _bias,
@@ -48,7 +49,7 @@ from maml_tf.models.keras_common import (activation as _activation, bias as _bia
 def _dense(layer, ctx, x, **_):
     kernel = ctx.weight(layer.kernel)                # [T, D, U]
     d, u = kernel.shape[1], kernel.shape[2]
-    out = tf.matmul(tf.reshape(x, [tf.shape(x)[0], -1, d]), kernel)
+    out = mixed.matmul(tf.reshape(x, [tf.shape(x)[0], -1, d]), kernel)
     out = tf.reshape(out, tf.concat([tf.shape(x)[:-1], [u]], 0))
     out = tf.ensure_shape(out, x.shape[:-1].concatenate([u]))
     return _activation(layer, _bias(ctx, layer, out))

@@ -29,6 +29,8 @@ from __future__ import annotations
 import tensorflow as tf
 import keras
 
+from maml_tf.models import mixed
+
 
 class TaskBatchedLayer(keras.layers.Layer):
     """Base class: ``call`` is ``batched_apply`` on one task."""
@@ -86,6 +88,8 @@ def conv2d(x, kernel, strides=(1, 1), padding="same", dilation=(1, 1)):
     Otherwise im2col + one batched matmul, written with pads, strided slices and ``matmul``
     only. Both have exact derivatives of every order.
     """
+    if mixed.handles_conv(x, kernel, dilation, padding):   # --precision=mixed_bfloat16
+        return mixed.conv2d(x, kernel, strides, padding)
     kh, kw, cin, cout = kernel.shape[1:]
     if (tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and kernel.shape[0] is not None
             and kernel.shape[0] <= NATIVE_CONV_MAX_KERNELS
@@ -287,8 +291,8 @@ class Conv2D(TaskBatchedLayer):
 
     def batched_apply(self, params, x, training=True):
         out = conv2d(x, params[0], (self.strides, self.strides), "same")
-        if self.use_bias:
-            out = out + params[1][:, None, None, None, :]
+        if self.use_bias:   # out is bfloat16 under --precision=mixed_bfloat16
+            out = out + tf.cast(params[1], out.dtype)[:, None, None, None, :]
         return out
 
     def get_config(self):
@@ -366,8 +370,8 @@ class Dense(TaskBatchedLayer):
             self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
 
     def batched_apply(self, params, x, training=True):
-        out = tf.matmul(x, params[0])
-        return out + params[1][:, None, :] if self.use_bias else out
+        out = mixed.matmul(x, params[0])
+        return out + tf.cast(params[1], out.dtype)[:, None, :] if self.use_bias else out
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,

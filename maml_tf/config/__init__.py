@@ -330,15 +330,15 @@ class Config:
         if self.is_regression and self.eval_dataset:
             raise ConfigError("--eval_dataset evaluates an image classifier on another data "
                               "set's test classes; it does not apply to --dataset=sinusoid.")
-        if self.is_regression and self.model_name == "conv4":
-            raise ConfigError("--model=conv4 is an image model but --dataset=sinusoid is 1-D "
-                              "regression: use --model=mlp (or auto) with sinusoid.")
+        if self.is_regression and self.model_name in ("conv4", "resnet12"):
+            raise ConfigError(f"--model={self.model_name} is an image model but --dataset="
+                              "sinusoid is 1-D regression: use --model=mlp (or auto) with sinusoid.")
         if self.is_regression and self.conv_pool != "auto":
             raise ConfigError(f"--conv_pool={self.conv_pool} only applies to --model=conv4 on "
                               "image data sets; drop it for --dataset=sinusoid.")
-        if self.is_regression and self.model_name == "resnet12":
-            raise ConfigError("--model=resnet12 is an image model but --dataset=sinusoid is 1-D "
-                              "regression: use --model=mlp (or auto) with sinusoid.")
+        if self.precision == "mixed_bfloat16" and self.strategy == "tpu":
+            raise ConfigError("--precision=mixed_bfloat16 keeps the kernels outside XLA (for "
+                              "CPUs); a TPU runs one XLA program: use --precision=bfloat16.")
         if self.model_name in ("custom", "resnet12", "mlp") and (
                 self.num_filters or self.conv_pool != "auto" or self.norm != "batch"):
             raise ConfigError("--num_filters, --conv_pool and --norm configure the zoo's Conv-4; "

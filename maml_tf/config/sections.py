@@ -52,7 +52,7 @@ POOLS = ("auto", "stride", "max")
 # 'auto': augment Omniglot, none for every other data set.
 ROTATIONS = ("auto", "augment", "none")
 ON_NAN = ("fail", "skip")
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("float32", "bfloat16", "float16", "mixed_bfloat16")
 NORMS = ("batch", "layer", "none")
 # What MANN writes to memory: its own add vector, or the read key (the paper's equation).
 MANN_WRITES = ("add", "key")

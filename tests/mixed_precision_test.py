@@ -1,0 +1,140 @@
+"""``--precision=mixed_bfloat16`` (models/mixed.py): convolutions and matmuls outside XLA in
+a low precision, every other layer fused by XLA in float32. The path itself is checked in
+float64 (the same casts, per-task convolutions and fused layers, with float64 as both
+dtypes) against the ordinary path and finite differences; its bfloat16 meta-gradient
+against float64 at the Omniglot 5-way 1-shot shapes; and a run end to end."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from maml_tf.config import Config, ConfigError
+from maml_tf.meta_learner import MetaLearner
+from maml_tf.models import mixed, zoo
+from maml_tf.data.episode import Episode
+
+
+def _episode(seed, tasks, way, shot, shape, dtype):
+    rng = np.random.default_rng(seed)
+
+    def part(n):
+        x = rng.uniform(size=(tasks, n * way) + tuple(shape)).astype(dtype)
+        y = np.tile(np.repeat(np.arange(way), n), (tasks, 1)).astype("int32")
+        return tf.constant(x), tf.constant(y)
+    classes = tf.constant(np.tile(np.arange(way), (tasks, 1)).astype("int32"))
+    return Episode(*part(shot), *part(2), classes)
+
+
+def _meta_gradient(learner, episode, steps, policy=None):
+    """The meta-gradient in one tf.function (not XLA), traced under ``policy`` (a
+    ``kernels_in`` argument tuple) or the ordinary path."""
+    @tf.function
+    def grad(weights):
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            loss, _ = learner.meta_loss(weights, episode, steps)
+        return loss, tape.gradient(loss, weights)
+
+    weights = [tf.constant(w) for w in learner.net.meta_weights()]
+    if policy is None:
+        return grad, weights
+    with mixed.kernels_in(*policy):
+        grad.get_concrete_function(weights)   # traced under the policy, run outside it
+    return grad, weights
+
+
+@pytest.mark.isolated
+@pytest.mark.parametrize("pool", ["stride", "max"])
+def test_the_mixed_path_in_float64_is_the_exact_second_order_meta_gradient(pool):
+    keras.utils.set_random_seed(4)
+    model = zoo.conv4((12, 12, 1), 3, filters=4, pool=pool, blocks=2, dtype="float64")
+    learner = MetaLearner(model, inner_lr=0.3, inner_steps=2)
+    ep = _episode(1, 3, 3, 2, (12, 12, 1), "float64")
+    plain, weights = _meta_gradient(learner, ep, 2)
+    mixed64, _ = _meta_gradient(learner, ep, 2, (tf.float64, tf.float64))
+    graph = mixed64.get_concrete_function(weights).graph.as_graph_def()
+    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert "Conv2D" in ops   # TensorFlow's own convolution (oneDNN), also at stride 2
+    # The fused layers are functions that XLA must compile.
+    assert any(f.attr["_XlaMustCompile"].b for f in graph.library.function)
+    loss, grads = mixed64(weights)
+    loss_ref, grads_ref = plain(weights)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-12)
+    for g, r in zip(grads, grads_ref):
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-9, atol=1e-12)
+    # And against central finite differences of the loss, along random directions.
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        v = [rng.normal(size=w.shape) for w in weights]
+        norm = np.sqrt(sum((d ** 2).sum() for d in v))
+        v = [d / norm for d in v]
+        eps = 1e-5
+        plus, _ = mixed64([w + eps * d for w, d in zip(weights, v)])
+        minus, _ = mixed64([w - eps * d for w, d in zip(weights, v)])
+        numeric = (float(plus) - float(minus)) / (2 * eps)
+        analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(grads, v))
+        assert abs(analytic - numeric) <= 1e-6 * max(abs(numeric), 1e-8)
+
+
+@pytest.mark.isolated
+def test_bfloat16_meta_gradient_points_as_float64_at_omniglot_5w1s_shapes():
+    # The paper's Omniglot 5-way 1-shot network and step (64 filters, stride-2 convs, batch
+    # norm, one inner step of 0.4), 4 tasks; the issue asks cosine >= 0.99 to float64.
+    keras.utils.set_random_seed(5)
+    model64 = zoo.conv4((28, 28, 1), 5, dtype="float64")
+    ep64 = _episode(2, 4, 5, 1, (28, 28, 1), "float64")
+    ref, weights = _meta_gradient(MetaLearner(model64, inner_lr=0.4), ep64, 1)
+    _, g64 = ref(weights)
+    model = zoo.conv4((28, 28, 1), 5)
+    model.set_weights(model64.get_weights())
+    learner = MetaLearner(model, inner_lr=0.4, compute_dtype="mixed_bfloat16")
+    ep = Episode(*[tf.cast(t, tf.float32) if t.dtype == tf.float64 else t for t in ep64])
+
+    @tf.function
+    def grad(weights):
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            loss, _ = learner.meta_loss(weights, ep, 1)
+        return tape.gradient(loss, weights)
+    g16 = grad([tf.constant(w) for w in learner.net.meta_weights()])
+    assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in g16)
+    a = np.concatenate([g.numpy().ravel() for g in g64])
+    b = np.concatenate([g.numpy().ravel().astype("float64") for g in g16])
+    cosine = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    # Measured 0.9999 here; the whole-model bfloat16 path (--precision=bfloat16) gives 0.96
+    # on a smaller check (tests/meta_learner_test.py).
+    assert cosine >= 0.99, cosine
+
+
+def test_mixed_precision_compiles_layer_by_layer_and_refuses_a_tpu():
+    assert mixed.whole_step_xla("float32", True) and mixed.whole_step_xla("bfloat16", True)
+    assert not mixed.whole_step_xla("mixed_bfloat16", True)
+    assert not mixed.whole_step_xla("float32", False)
+    with pytest.raises(ConfigError, match="--precision=mixed_bfloat16 keeps the kernels"):
+        Config(dataset="omniglot", precision="mixed_bfloat16", strategy="tpu")
+
+
+@pytest.mark.isolated
+def test_a_mixed_precision_run_trains_and_evaluates_in_every_mode(tmp_path):
+    """Conv-4 on random images through maml_tf.train: the step without one XLA program, the
+    support mode's batch norm (which collects statistics, so runs unfused) and per-example."""
+    import maml_tf
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 255, (12 * 5, 10, 10)).astype(np.uint8)
+    labels = np.repeat(np.arange(12), 5)
+    config = Config(dataset="python", class_split=(6, 3, 3), way=3, shot=1, query=2,
+                    num_filters=4, meta_batch_size=2, num_iterations=4, val_tasks=3,
+                    eval_tasks=3, eval_every=2, eval_inner_steps=2,
+                    precision="mixed_bfloat16")
+    results = {}
+    for mode in ("transductive", "support", "per_example"):
+        workdir = str(tmp_path / mode)
+        results[mode] = maml_tf.train(config.replace(eval_mode=mode), workdir,
+                                      data=(images, labels), verbose=0)
+        with open(os.path.join(workdir, "results.json")) as f:
+            assert json.load(f) == results[mode]
+    print(results)
