@@ -3,7 +3,8 @@ pipeline, and the input pipeline's own rate (it must not be the bottleneck).
 
     MAML_TF_DATA_DIR=../shared/data/omniglot \\
     MAML_TF_MINI_IMAGENET_DIR=../shared/data/mini_imagenet_sample \\
-    python benchmarks/cells.py [--steps=30]
+    python benchmarks/cells.py [--steps=30] [--cells=runs/omniglot_20w5s.cfg]
+        [--precision=mixed_bfloat16]
 
 Each cell runs in its own subprocess; after 3 warm-up iterations (compilation) it times
 ``--steps`` iterations of the compiled meta-step fed by the tf.data pipeline, then the
@@ -24,11 +25,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(cfg: str, steps: int) -> dict:
+def child(cfg: str, steps: int, precision: str = "") -> dict:
     from absl import flags
     from maml_tf import data as data_lib
     from maml_tf import api, flags as maml_flags, supervised, train_step as train_step_lib
-    flags.FLAGS(["prog"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"]))
+    extra = [f"--precision={precision}"] if precision else []
+    flags.FLAGS(["prog"] + maml_flags.expand_flagfiles([f"--flagfile={cfg}"] + extra))
     config = maml_flags.config_from_flags(flags.FLAGS)
     if config.dataset == "mini_imagenet" and not config.data_dir:
         config = config.replace(data_dir=os.environ.get("MAML_TF_MINI_IMAGENET_DIR", ""))
@@ -56,7 +58,8 @@ def child(cfg: str, steps: int) -> dict:
     for _ in range(steps):
         next(batches)
     input_s = time.perf_counter() - t0
-    return {"cell": os.path.basename(cfg)[:-4], "meta_batch": config.meta_batch_size,
+    return {"cell": os.path.basename(cfg)[:-4] + (f" ({precision})" if precision else ""),
+            "meta_batch": config.meta_batch_size,
             "warmup_s": warmup, "s_per_1000": 1000 * train_s / steps,
             "tasks_per_s": steps * config.meta_batch_size / train_s,
             "input_batches_per_s": steps / input_s, "steps_per_s": steps / train_s}
@@ -66,10 +69,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cells", default="")
+    p.add_argument("--precision", default="", help="--precision of the runs (default: the "
+                   "flagfile's)")
     p.add_argument("--child", default="")
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.steps)))
+        print(json.dumps(child(a.child, a.steps, a.precision)))
         return
     cells = a.cells.split(",") if a.cells else [
         os.path.relpath(c, ROOT) for c in sorted(glob.glob(os.path.join(ROOT, "runs", "*.cfg")))
@@ -78,7 +83,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for cell in cells:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        proc = subprocess.run([sys.executable, __file__, f"--child={cell}", f"--steps={a.steps}"],
+        proc = subprocess.run([sys.executable, __file__, f"--child={cell}", f"--steps={a.steps}",
+                               f"--precision={a.precision}"],
                               cwd=ROOT, env=env, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not lines:

@@ -1,5 +1,5 @@
-"""The machine a benchmark ran on: CPU model, cores, vector instruction sets, and the fp32
-matmul peak that TensorFlow reaches here (the reference for "% of peak")."""
+"""The machine a benchmark ran on: CPU model, cores, vector instruction sets, and the matmul
+peak that TensorFlow reaches here in float32 and bfloat16 (the references for "% of peak")."""
 
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ def machine() -> dict:
                     "AVX2" if "AVX2" in isa else "other"}
 
 
-def tf_matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> float:
-    """The best fp32 GFLOP/s of an XLA-compiled n x n matmul in TensorFlow over ``sizes``
-    (median of ``repeats`` calls each, after a warm-up), on all of this process's threads."""
+def tf_matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5, dtype: str = "float32") -> float:
+    """The best GFLOP/s of an n x n matmul in TensorFlow over ``sizes`` (median of ``repeats``
+    calls each, after a warm-up), on all of this process's threads: float32 compiled by XLA
+    (as the float32 meta-step), bfloat16 through TensorFlow's oneDNN kernel (as
+    --precision=mixed_bfloat16's kernels; XLA's CPU backend does not use AMX)."""
     import numpy as np
     import tensorflow as tf
-    matmul = tf.function(lambda a: a @ a, jit_compile=True)
+    matmul = tf.function(lambda a: a @ a, jit_compile=dtype == "float32")
     best = 0.0
     for n in sizes:
-        a = tf.ones((n, n))
+        a = tf.ones((n, n), dtype=dtype)
         matmul(a).numpy()
         times = []
         for _ in range(repeats):

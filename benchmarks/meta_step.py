@@ -174,8 +174,12 @@ def child(case: str, order: str, windows: int, window_steps: int, inner_steps: i
                                                           step_metrics)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # iMAML's step is not the meta-loss's gradient: its matmuls are not counted.
+    # --precision=mixed_bfloat16 does float32's work: count float32's program (under XLA its
+    # per-task convolution gradients lower with dilated inputs, whose zeros would count too).
+    kernel_dtype, run.learner.kernel_dtype = run.learner.kernel_dtype, None
     flops = (float("nan") if algorithm == "imaml" else
              _counted_flops(run.learner, episode, config.inner_steps, config.first_order))
+    run.learner.kernel_dtype = kernel_dtype
     out = {"case": case, "order": order, "inner_steps": config.inner_steps, "jit": jit,
            "model": model, "precision": precision,
            "task_chunks": task_chunks, "step_metrics": step_metrics,
@@ -289,7 +293,8 @@ def main():
     p.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no_jit", action="store_true", help="meta-step without XLA")
     p.add_argument("--precision", default="float32", help="the inner loop's and forward "
-                   "passes' compute dtype (--precision of a run): float32, bfloat16, float16")
+                   "passes' compute dtype (--precision of a run): float32, bfloat16, float16, "
+                   "mixed_bfloat16")
     p.add_argument("--step_metrics", action="store_true",
                    help="time the meta-step that also scores the queries after every inner "
                         "step (training runs it on one meta-step in --step_metrics_every); "
@@ -303,8 +308,9 @@ def main():
         [f"--meta_batch={a.meta_batch}"] if a.meta_batch else []) + (
         [f"--inner_steps={a.inner_steps}"] if a.inner_steps else []) + (
         ["--no_jit"] if a.no_jit else []) + [f"--precision={a.precision}"]
+    peak_dtype = "bfloat16" if a.precision == "mixed_bfloat16" else "float32"
     if a.child and a.peak:
-        print(json.dumps({"gflops": machine.tf_matmul_peak()}))
+        print(json.dumps({"gflops": machine.tf_matmul_peak(dtype=peak_dtype)}))
         return
     if not a.child:
         print(f"Machine: {machine.describe(machine.machine())}", flush=True)
@@ -335,8 +341,9 @@ def main():
                 print(json.dumps(rows[-1]), flush=True)     # each row as soon as it is measured
         _print_memory(rows)
         return
-    peak = _spawn(["--peak"])["gflops"]
-    print(f"fp32 matmul peak (TensorFlow, XLA, all threads): {peak:.0f} GFLOP/s", flush=True)
+    peak = _spawn(["--peak", f"--precision={a.precision}"])["gflops"]
+    print(f"{peak_dtype} matmul peak (TensorFlow, {'XLA' if peak_dtype == 'float32' else 'oneDNN'}"
+          f", all threads): {peak:.0f} GFLOP/s", flush=True)
     rows = []
     for case in a.cases.split(","):
         for order in a.orders.split(","):

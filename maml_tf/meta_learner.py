@@ -379,7 +379,7 @@ class MetaLearner(tf.Module):
         """Under --precision=mixed_bfloat16 the inner loop's kernels run in float32. Why:
         measured on Omniglot 5-way 1-shot (inner step 0.4), bfloat16 support gradients, moved
         by the inner step, left the meta-gradient at cosine 0.86 to float64's; float32 inner
-        kernels give 0.997, for 3-6% of the step's time (benchmarks/README.md)."""
+        kernels give 0.995, for 3-6% of the step's time (benchmarks/README.md)."""
         kernel = self.kernel_dtype
         if kernel is not None:
             self.kernel_dtype = tf.float32

@@ -105,8 +105,8 @@ def test_bfloat16_meta_gradient_points_as_float64_at_omniglot_5w1s_shapes():
     a = np.concatenate([g.numpy().ravel() for g in g64])
     b = np.concatenate([g.numpy().ravel().astype("float64") for g in g16])
     cosine = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
-    # Measured 0.9999 here; the whole-model bfloat16 path (--precision=bfloat16) gives 0.96
-    # on a smaller check (tests/meta_learner_test.py).
+    # Measured 0.994 here (an AMX Xeon); the whole model in bfloat16 (--precision=bfloat16)
+    # gives 0.85, and so did this path while its inner loop's kernels were bfloat16 too.
     assert cosine >= 0.99, cosine
 
 
