@@ -88,8 +88,10 @@ def conv2d(x, kernel, strides=(1, 1), padding="same", dilation=(1, 1)):
     Otherwise im2col + one batched matmul, written with pads, strided slices and ``matmul``
     only. Both have exact derivatives of every order.
     """
-    if mixed.handles_conv(x, kernel, dilation, padding):   # --precision=mixed_bfloat16
-        return mixed.conv2d(x, kernel, strides, padding)
+    if mixed.kernel_dtype() is not None:   # --precision=mixed_bfloat16
+        if mixed.handles_conv(x, kernel, dilation, padding):
+            return mixed.conv2d(x, kernel, strides, padding)
+        x, kernel = mixed.to_kernel_dtype(x), mixed.to_kernel_dtype(kernel)   # as written below
     kh, kw, cin, cout = kernel.shape[1:]
     if (tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and kernel.shape[0] is not None
             and kernel.shape[0] <= NATIVE_CONV_MAX_KERNELS

@@ -67,6 +67,11 @@ def _cast(t, dtype):
     return tf.cast(t, dtype) if tf.is_tensor(t) and t.dtype.is_floating else t
 
 
+def to_kernel_dtype(t):
+    """A floating tensor in the policy's dtype (a kernel op's input)."""
+    return _cast(t, _POLICY.dtype)
+
+
 def matmul(a, b):
     """``tf.matmul(a, b)``, in the policy's dtype when it is on (the output too)."""
     dtype = _POLICY.dtype

@@ -47,11 +47,24 @@ def _meta_gradient(learner, episode, steps, policy=None):
     return grad, weights
 
 
+def _keras_model(d="float64"):
+    """Standard Keras layers: a strided and a dilated convolution (which the mixed path runs
+    as im2col), batch norm, a Dense with an activation."""
+    L = keras.layers
+    inputs = keras.Input((12, 12, 1), dtype=d)
+    x = L.Conv2D(4, 3, strides=2, padding="same", dtype=d)(inputs)
+    x = L.ReLU(dtype=d)(L.BatchNormalization(dtype=d)(x))
+    x = L.Conv2D(4, 3, dilation_rate=2, padding="same", activation="tanh", dtype=d)(x)
+    x = L.Dense(5, activation="tanh", dtype=d)(L.GlobalAveragePooling2D(dtype=d)(x))
+    return keras.Model(inputs, L.Dense(3, dtype=d)(x))
+
+
 @pytest.mark.isolated
-@pytest.mark.parametrize("pool", ["stride", "max"])
+@pytest.mark.parametrize("pool", ["stride", "max", "keras"])
 def test_the_mixed_path_in_float64_is_the_exact_second_order_meta_gradient(pool):
     keras.utils.set_random_seed(4)
-    model = zoo.conv4((12, 12, 1), 3, filters=4, pool=pool, blocks=2, dtype="float64")
+    model = _keras_model() if pool == "keras" else zoo.conv4(
+        (12, 12, 1), 3, filters=4, pool=pool, blocks=2, dtype="float64")
     learner = MetaLearner(model, inner_lr=0.3, inner_steps=2)
     ep = _episode(1, 3, 3, 2, (12, 12, 1), "float64")
     plain, weights = _meta_gradient(learner, ep, 2)
@@ -78,6 +91,15 @@ def test_the_mixed_path_in_float64_is_the_exact_second_order_meta_gradient(pool)
         numeric = (float(plus) - float(minus)) / (2 * eps)
         analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(grads, v))
         assert abs(analytic - numeric) <= 1e-6 * max(abs(numeric), 1e-8)
+    if pool == "keras":
+        # In bfloat16 the dilated convolution's im2col receives bfloat16 activations from the
+        # fused layers before it: its kernel must follow (once a BatchMatMulV2 dtype error).
+        learner32 = MetaLearner(_keras_model("float32"), inner_lr=0.3, inner_steps=2,
+                                compute_dtype="mixed_bfloat16")
+        ep32 = Episode(*[tf.cast(t, tf.float32) if t.dtype == tf.float64 else t for t in ep])
+        grad32, weights32 = _meta_gradient(learner32, ep32, 2)
+        _, grads32 = grad32(weights32)
+        assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in grads32)
 
 
 @pytest.mark.isolated
