@@ -204,7 +204,7 @@ class _Run:
                 group = list(group)
                 if fusable:
                     x = mixed.fused(lambda t, group=group: self.run(("chain", group), t), x,
-                                    compile=self.norm_stats is None and self.collect is None)
+                                    xla=self._fusable_by_xla)
                 else:
                     for layer in group:
                         x = self.call(layer, (x,), {})
@@ -239,10 +239,13 @@ class _Run:
             for i, t in zip(where, tensors):
                 values[i] = t
             return self._call(op, *tf.nest.pack_sequence_as((args, kwargs), values))
+        return mixed.fused(fn, *[flat[i] for i in where], xla=self._fusable_by_xla)
+
+    @property
+    def _fusable_by_xla(self) -> bool:
         # Batch norm that collects or is given statistics appends to a Python list: such a
         # pass runs in TensorFlow's kernels (evaluation's support mode, MAML++'s BNRS).
-        return mixed.fused(fn, *[flat[i] for i in where],
-                           compile=self.norm_stats is None and self.collect is None)
+        return self.norm_stats is None and self.collect is None
 
     def _call(self, op, args, kwargs):
         if isinstance(op, L.TaskBatchedLayer):

@@ -103,8 +103,8 @@ def conv2d(x, kernel, strides, padding):
                      for a, k in zip(tf.unstack(x), tf.unstack(kernel))])
 
 
-def fused(fn, *inputs, compile: bool = True):
-    """``fn(*inputs)`` in float32 as one XLA program (``compile=False``: TensorFlow's
+def fused(fn, *inputs, xla: bool = True):
+    """``fn(*inputs)`` in float32 as one XLA program (``xla=False``: TensorFlow's
     kernels, for a layer with Python side effects), its floating outputs cast to the policy's
     dtype. Tensors ``fn`` captures (the layer's weights) enter the program as they are."""
     dtype, fused_dtype = _POLICY.dtype, _POLICY.fused_dtype
@@ -114,6 +114,6 @@ def fused(fn, *inputs, compile: bool = True):
             out = fn(*[_cast(t, fused_dtype) for t in tensors])
         return tf.nest.map_structure(lambda y: _cast(y, dtype), out)
 
-    if not compile:
+    if not xla:
         return run(*inputs)
     return tf.function(run, jit_compile=True, autograph=False)(*inputs)

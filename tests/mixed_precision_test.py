@@ -115,14 +115,8 @@ def test_bfloat16_meta_gradient_points_as_float64_at_omniglot_5w1s_shapes():
     model.set_weights(model64.get_weights())
     learner = MetaLearner(model, inner_lr=0.4, compute_dtype="mixed_bfloat16")
     ep = Episode(*[tf.cast(t, tf.float32) if t.dtype == tf.float64 else t for t in ep64])
-
-    @tf.function
-    def grad(weights):
-        with tf.GradientTape() as tape:
-            tape.watch(weights)
-            loss, _ = learner.meta_loss(weights, ep, 1)
-        return tape.gradient(loss, weights)
-    g16 = grad([tf.constant(w) for w in learner.net.meta_weights()])
+    grad, weights32 = _meta_gradient(learner, ep, 1)
+    _, g16 = grad(weights32)
     assert all(g.dtype == tf.float32 and np.all(np.isfinite(g.numpy())) for g in g16)
     a = np.concatenate([g.numpy().ravel() for g in g64])
     b = np.concatenate([g.numpy().ravel().astype("float64") for g in g16])
