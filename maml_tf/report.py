@@ -8,146 +8,25 @@ sessions). One row per workdir and test shot count; one column per evaluation pr
 Runs that differ only by their seed (``--seeds``, ``maml_tf.sweep``) are one row: the mean
 over seeds ± the 95% CI over seeds (Student's t, ``maml_tf.seeds``), the seed count, and the
 mean of the seeds' own test-task CIs beside it; ``--per_seed`` adds each seed's own row.
+``--compare=NAME`` adds a table of each seed group's difference to the group named NAME with
+its 95% CI by Welch's t over seeds, saying which differences are larger than the seed spread.
 
     python -m maml_tf.report ~/maml_runs/omniglot_5w1s ~/maml_runs/omniglot_5w1s_protonet
     python -m maml_tf.report --all_steps ~/maml_runs    # every run in it; every step / shot
     python -m maml_tf.report --per_seed ~/maml_runs/family   # a sweep: a row per grid point
+    python -m maml_tf.report --compare=maml ~/maml_runs/family   # which differ beyond seeds
 
 Paper numbers (``papers.PAPER``) appear beside runs of their data set, way, shot, algorithm.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import json
 import os
 import sys
 
-from maml_tf.config import flatten_config
 from maml_tf.papers import DATASET_NAMES, PAPER
-from maml_tf.seeds import group_key, seed_interval
-
-
-class ReportError(ValueError):
-    """A workdir that holds no readable run."""
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """One results file: its protocol and, per test shot count, the metric by index."""
-    path: str
-    protocol: dict
-    by_shot: dict[str, tuple[list[float], list[float]]]   # shot key -> (mean, ci95)
-    metric: str                                           # accuracy | mse | return
-
-    @property
-    def column(self) -> str:
-        """The column this evaluation belongs to, named by what distinguishes protocols."""
-        p = self.protocol
-        if self.metric == "return":
-            return f"return, {p.get('trajectories_per_step', '?')} trajectories per step"
-        if self.metric == "mse":
-            return f"MSE, {p.get('queries', '?')} query points"
-        q = p.get("queries", "?")
-        column = f"{p.get('eval_mode', 'transductive')}, {q} {'query' if q == 1 else 'queries'} per class"
-        if p.get("eval_dataset"):   # cross-domain: the test classes of another data set
-            where = [p["eval_dataset"], os.path.basename(str(p.get("eval_data_dir") or "").rstrip("/")),
-                     f"{p.get('eval_split_file')} split" * bool(p.get("eval_split_file"))]
-            column += ", tested on " + " ".join(w for w in where if w)
-        return column
-
-    @property
-    def order(self) -> tuple:
-        """Columns sort by metric, then the papers' protocol first, then query count."""
-        p = self.protocol
-        modes = ("transductive", "support", "per_example")
-        mode = p.get("eval_mode", "transductive")
-        rank = modes.index(mode) if mode in modes else 3
-        return (self.metric, bool(p.get("eval_dataset")), rank, p.get("queries") or 0)
-
-
-@dataclasses.dataclass
-class RunRecord:
-    workdir: str
-    config: dict
-    main: Evaluation                    # results.json: the protocol the run was trained for
-    others: list[Evaluation]            # results-*.json of the same checkpoint
-    environment: dict
-    train_seconds: float | None         # over all sessions; None when unknown
-    sessions: int
-
-    @property
-    def iterations(self) -> int:
-        return int(self.main.protocol.get("checkpoint_step", 0))
-
-
-def _metric_of(test: dict) -> str:
-    if "return" in test:
-        return "return"
-    first = next(v for v in test.values() if isinstance(v, dict))
-    return "accuracy" if "accuracy" in first else "mse"
-
-
-def read_evaluation(path: str) -> Evaluation:
-    """A results file -> ``Evaluation``; ``ReportError`` naming the file when unreadable."""
-    try:
-        with open(path) as f:
-            results = json.load(f)
-        protocol, test = results["protocol"], results["test"]
-        metric = _metric_of(test)
-        if metric == "return":
-            by_shot = {"": (test["return"]["mean"], test["return"]["ci95"])}
-        else:
-            key = "accuracy" if metric == "accuracy" else "loss"
-            by_shot = {shot: (v[key]["mean"], v[key]["ci95"])
-                       for shot, v in test.items() if isinstance(v, dict)}
-    except (OSError, ValueError, KeyError, StopIteration, TypeError) as e:
-        raise ReportError(f"{path} is not a readable results file ({type(e).__name__}: {e}). "
-                          "Re-create it with python -m maml_tf.evaluate --workdir=<its "
-                          "workdir>.") from None
-    return Evaluation(path, protocol, by_shot, metric)
-
-
-def read_run(workdir: str) -> RunRecord:
-    """Everything the table needs from one workdir."""
-    config_path, main_path = (os.path.join(workdir, n) for n in ("config.json", "results.json"))
-    if not os.path.exists(config_path):
-        raise ReportError(f"{workdir} holds no config.json: pass the workdir of a run started "
-                          "with python -m maml_tf.train.")
-    extra = sorted(glob.glob(os.path.join(workdir, "results-*.json")))
-    if not os.path.exists(main_path) and not extra:
-        raise ReportError(f"{workdir} holds no results.json: the run has not finished its "
-                          "final evaluation. Resume it with python -m maml_tf.train "
-                          f"--flagfile={os.path.join(workdir, 'flags.cfg')}, or evaluate its "
-                          f"latest checkpoint with python -m maml_tf.evaluate --workdir={workdir}.")
-    try:
-        with open(config_path) as f:
-            # Sectioned, or flat as runs written before the config's sections have it.
-            config = flatten_config(json.load(f))
-    except (OSError, ValueError) as e:   # ConfigError is a ValueError
-        raise ReportError(f"{workdir}: config.json is unreadable ({e}).") from None
-    evaluations = [read_evaluation(p) for p in extra]
-    if os.path.exists(main_path):
-        main = read_evaluation(main_path)
-    else:
-        # A run stopped before its final evaluation and evaluated by maml_tf.evaluate: its
-        # latest checkpoint's evaluation, the papers' protocol first.
-        main = min(evaluations, key=lambda e: (-e.protocol.get("checkpoint_step", 0), e.order))
-        evaluations.remove(main)
-    with open(main.path) as f:
-        raw = json.load(f)
-    step = main.protocol.get("checkpoint_step")
-    others = [e for e in evaluations if e.protocol.get("checkpoint_step") == step]
-    total = raw.get("train_seconds_total") or {}
-    seconds = total.get("seconds") if total.get("sessions") else None
-    if seconds is None and step and raw.get("iterations_this_session") == step \
-            and raw.get("train_seconds_this_session"):
-        seconds = raw.get("train_seconds_this_session")   # trained in one session
-    elif seconds is None and step == 0:
-        seconds = 0.0
-    return RunRecord(workdir, config, main, others, raw.get("environment") or {},
-                     seconds, int(total.get("sessions") or (1 if seconds is not None else 0)))
+from maml_tf.run_records import Evaluation, ReportError, RunRecord, read_runs
+from maml_tf.seeds import difference_interval, group_key, seed_interval
 
 
 def _name(config: dict, iterations: int) -> str:
@@ -252,22 +131,31 @@ def _by_column(run: RunRecord) -> dict[str, Evaluation]:
     return by_column
 
 
-def table(runs: list[RunRecord], all_steps: bool = False, per_seed: bool = False) -> str:
-    """The markdown table of ``runs``: one row per run and test shot count, and one per group
-    of runs that differ only by seed (``per_seed``: then each seed's row too)."""
+def _columns(runs: list[RunRecord]) -> list[str]:
     found: dict[str, tuple] = {}
     for run in runs:
         for e in [run.main] + run.others:
             found.setdefault(e.column, e.order)
-    columns = sorted(found, key=lambda c: found[c])
+    return sorted(found, key=lambda c: found[c])
+
+
+def _groups(runs: list[RunRecord]) -> list[list[RunRecord]]:
+    """The runs, grouped by what they compute (all but the seed), in the order found."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault((group_key(run.config), run.iterations), []).append(run)
+    return list(groups.values())
+
+
+def table(runs: list[RunRecord], all_steps: bool = False, per_seed: bool = False) -> str:
+    """The markdown table of ``runs``: one row per run and test shot count, and one per group
+    of runs that differ only by seed (``per_seed``: then each seed's row too)."""
+    columns = _columns(runs)
     header = (["cell", "algorithm", "paper"] + [f"ours: {c}" for c in columns] +
               ["test steps", "test tasks", "iterations × meta-batch", "hardware",
                "train wall time"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    groups: dict[tuple, list[RunRecord]] = {}
-    for run in runs:
-        groups.setdefault((group_key(run.config), run.iterations), []).append(run)
-    for members in groups.values():
+    for members in _groups(runs):
         if len(members) > 1:
             lines += _seed_rows(members, columns, all_steps)
         if len(members) == 1 or per_seed:
@@ -275,6 +163,53 @@ def table(runs: list[RunRecord], all_steps: bool = False, per_seed: bool = False
                 label = f"seed {run.config.get('seed')}" if len(members) > 1 else None
                 lines += _run_rows(run, columns, all_steps, label)
     return "\n".join(lines)
+
+
+def _last_values(members: list[RunRecord], column: str, shot_key: str) -> list[float] | None:
+    """Each seed's final value in ``column`` at ``shot_key``; None when a seed lacks it."""
+    evaluations = [_by_column(run).get(column) for run in members]
+    if any(e is None or shot_key not in e.by_shot for e in evaluations):
+        return None
+    return [e.by_shot[shot_key][0][-1] for e in evaluations if e is not None]
+
+
+def comparison(runs: list[RunRecord], reference: str) -> str:
+    """Each group of seeds against the group the table names ``reference`` (``maml``,
+    ``mamlpp (BNRS)``, ...), per evaluation column and test shot count: the difference of
+    the seed means ± its 95% CI by Welch's t (``seeds.difference_interval``), and whether
+    the difference is larger than the seeds' spread. ``ReportError`` unless exactly one
+    group of two or more seeds has that name."""
+    groups = [m for m in _groups(runs) if len(m) > 1]
+    names = [_name(m[0].config, m[0].iterations) for m in groups]
+    if names.count(reference) != 1:
+        raise ReportError(
+            f"--compare={reference} must name exactly one group of two or more seeds, and "
+            f"{names.count(reference)} are named so. The groups are: "
+            f"{', '.join(sorted(set(names))) or 'none (run with --seeds=N)'}; a name that "
+            "two groups share (other settings) is compared by passing only one of them.")
+    ref = groups[names.index(reference)]
+    columns = _columns(runs)
+    lines = ["| algorithm | cell | " + " | ".join(f"Δ {c}" for c in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for members, name in zip(groups, names):
+        if members is ref:
+            continue
+        fmt, unit = _format(members[0].main.metric)
+        for shot_key in members[0].main.by_shot:
+            cells = []
+            for column in columns:
+                a, b = _last_values(members, column, shot_key), _last_values(ref, column, shot_key)
+                if a is None or b is None:
+                    cells.append("—")
+                    continue
+                diff, half, df = difference_interval(a, b)
+                verdict = "**beyond the seed spread**" if abs(diff) > half else "within it"
+                cells.append(f"{'+' if diff >= 0 else '−'}{fmt(abs(diff))} ± {fmt(half)}{unit} "
+                             f"(df {df:.1f}; {verdict})")
+            lines.append(f"| {name}, {len(members)} seeds | {_cell(members[0].config, shot_key)} "
+                         f"| " + " | ".join(cells) + " |")
+    return (f"Differences to {reference} ({len(ref)} seeds): the seed means' difference ± "
+            "its 95% CI by Welch's t over seeds\n\n" + "\n".join(lines))
 
 
 def _row(run: RunRecord, shot_key: str, name: str, values: list[str], seconds: float | None,
@@ -321,77 +256,30 @@ FOOTNOTE = ("Mean ± 95% CI (1.96 · std / √tasks) over fixed test tasks, afte
             "seeds' own test-task CIs; its wall time is the seeds' sum.")
 
 
-def _runs_inside(path: str, depth: int = 3) -> list[str]:
-    """The workdirs under ``path``, down to ``depth`` folders (a sweep's grid point holds its
-    seeds' workdirs); folders a run moved aside (``replaced-*``) are not runs of it."""
-    found = []
-    for name in sorted(os.listdir(path)):
-        sub = os.path.join(path, name)
-        if not os.path.isdir(sub) or name.startswith("replaced-"):
-            continue
-        if os.path.exists(os.path.join(sub, "config.json")):
-            found.append(sub)
-        elif depth > 1:
-            found += _runs_inside(sub, depth - 1)
-    return found
-
-
-def workdirs(paths: list[str]) -> tuple[list[tuple[str, bool]], list[str]]:
-    """([(run workdir, named explicitly)], notes on skipped paths). A directory without
-    config.json stands for the runs inside it (a sweep's, a seed group's); files (a shell
-    glob's logs) are skipped with a note."""
-    found, notes = [], []
-    for path in paths:
-        if os.path.exists(os.path.join(path, "config.json")):
-            found.append((path, True))
-        elif os.path.isdir(path):
-            inside = _runs_inside(path)
-            if not inside:
-                raise ReportError(f"{path} holds no config.json and no run directories: pass "
-                                  "the workdir of a run started with python -m maml_tf.train, "
-                                  "or a directory of such workdirs.")
-            found += [(w, False) for w in inside]
-        else:
-            notes.append(f"skipped {path}: not a workdir")
-    return found, notes
-
-
-def read_runs(paths: list[str]) -> list[RunRecord]:
-    """The runs of ``paths`` (see ``workdirs``). A run found inside a directory that has no
-    results yet (still training) is skipped with a note on stderr; a workdir named
-    explicitly must be readable."""
-    found, notes = workdirs(paths)
-    runs = []
-    for workdir, explicit in found:
-        try:
-            runs.append(read_run(workdir))
-        except ReportError as e:
-            if explicit:
-                raise
-            notes.append(f"skipped {workdir}: {e}")
-    for note in notes:
-        print(note, file=sys.stderr)
-    return runs
-
-
 def main(argv: list[str]) -> int:
     args = [a for a in argv[1:] if not a.startswith("--")]
     flags = [a for a in argv[1:] if a.startswith("--")]
-    unknown = [f for f in flags if f not in ("--all_steps", "--per_seed", "--help")]
+    compare = [f.split("=", 1)[1] for f in flags if f.startswith("--compare=")]
+    unknown = [f for f in flags if f not in ("--all_steps", "--per_seed", "--help")
+               and not f.startswith("--compare=")]
     if "--help" in flags or not args or unknown:
         print(__doc__ if not unknown else f"Unknown flag {unknown[0]}: the flags are "
-              "--all_steps and --per_seed. Usage: python -m maml_tf.report [--all_steps] "
-              "[--per_seed] WORKDIR...",
+              "--all_steps, --per_seed and --compare=NAME. Usage: python -m maml_tf.report "
+              "[--all_steps] [--per_seed] [--compare=NAME] WORKDIR...",
               file=sys.stderr if unknown or not args else sys.stdout)
         return 0 if "--help" in flags and not unknown else 2
     try:
         runs = read_runs(args)
+        differences = [comparison(runs, name) for name in compare]
     except ReportError as e:
         print(f"Report error: {e}", file=sys.stderr)
         return 1
     print(table(runs, all_steps="--all_steps" in flags, per_seed="--per_seed" in flags))
     print()
     print(FOOTNOTE)
+    for text in differences:
+        print()
+        print(text)
     return 0
 
 

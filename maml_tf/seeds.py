@@ -5,8 +5,9 @@ it cannot say whether two algorithms differ or one was luckier in its initial we
 task order. Over ``n`` runs of one experiment with seeds ``0..n-1``, ``seed_interval`` gives
 the mean of their results and the half-width of its 95% confidence interval from Student's t
 distribution with ``n - 1`` degrees of freedom (``t · s / √n``, ``s`` the standard deviation
-with ``ddof = 1``), as MAML++ and "A Closer Look at Few-shot Classification" report.
-``group_key`` says which runs are such a group.
+with ``ddof = 1``), as MAML++ and "A Closer Look at Few-shot Classification" report;
+``difference_interval`` says whether two such groups differ by more than their seeds' spread
+(Welch's t). ``group_key`` says which runs are such a group.
 """
 
 from __future__ import annotations
@@ -50,15 +51,15 @@ def _betainc(a: float, b: float, x: float) -> float:
     return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
 
 
-def t_cdf(t: float, df: int) -> float:
+def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with ``df`` degrees of freedom."""
     tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
     return 1.0 - tail if t >= 0 else tail
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on
-    ``t_cdf``, to 1e-12)."""
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom, not necessarily whole
+    (Welch's), by bisection on ``t_cdf`` to 1e-12."""
     if not 0.0 < p < 1.0 or df < 1:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}.")
     if p < 0.5:
@@ -83,6 +84,24 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, t_quantile(0.975, n - 1) * s / math.sqrt(n)
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), half-width of its 95% CI, degrees of freedom) by Welch's t: two
+    groups of seeds, each with its own variance, ``se = √(s_a²/n_a + s_b²/n_b)``, the
+    Welch-Satterthwaite degrees of freedom, half-width ``t_{0.975, df} · se``. A difference
+    larger than its half-width is larger than the seeds' spread explains. Each group needs two
+    values or more; two groups without spread give half-width 0 (df ``n_a + n_b - 2``)."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("difference_interval needs two or more values in each group, got "
+                         f"{len(a)} and {len(b)}.")
+    (mean_a, _), (mean_b, _) = seed_interval(a), seed_interval(b)
+    var_a = sum((v - mean_a) ** 2 for v in a) / (len(a) - 1) / len(a)
+    var_b = sum((v - mean_b) ** 2 for v in b) / (len(b) - 1) / len(b)
+    if var_a + var_b == 0.0:
+        return mean_a - mean_b, 0.0, float(len(a) + len(b) - 2)
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+    return mean_a - mean_b, t_quantile(0.975, df) * math.sqrt(var_a + var_b), df
 
 
 def group_key(config: dict) -> tuple:

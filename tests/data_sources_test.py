@@ -485,6 +485,6 @@ def test_cross_domain_evaluation_of_a_trained_run(tmp_path):
     assert out["protocol"]["eval_data_dir"] == str(target)
     names = sorted(os.listdir(workdir))
     assert any(n.endswith("-on-folder-target.json") for n in names), names
-    from maml_tf import report
-    text = report.table([report.read_run(workdir)])
+    from maml_tf import report, run_records
+    text = report.table([run_records.read_run(workdir)])
     assert "tested on folder target" in text and "transductive, 2 queries per class |" in text

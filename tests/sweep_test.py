@@ -39,6 +39,22 @@ def test_the_ci_over_seeds_is_t_times_s_over_root_n():
     assert math.isnan(seeds.seed_interval([0.5])[1])
 
 
+def test_welch_difference_of_two_seed_groups_against_a_hand_computation():
+    # Equal variances (1) and sizes (3): se = √(1/3 + 1/3), df = 2 (n - 1) = 4.
+    diff, half, df = seeds.difference_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert (diff, df) == (pytest.approx(-3.0), pytest.approx(4.0))
+    assert half == pytest.approx(2.77644510519779 * math.sqrt(2.0 / 3.0), rel=1e-9)
+    # Unequal: s² = 9 over 3 seeds and 0.5 over 2, so s²/n = 3 and 0.25, se² = 3.25, and
+    # Welch-Satterthwaite df = 3.25² / (3² / 2 + 0.25² / 1) = 10.5625 / 4.5625.
+    diff, half, df = seeds.difference_interval([0.0, 3.0, 6.0], [1.0, 2.0])
+    assert diff == pytest.approx(1.5) and df == pytest.approx(10.5625 / 4.5625, rel=1e-12)
+    assert seeds.t_cdf(half / math.sqrt(3.25), df) == pytest.approx(0.975, abs=1e-10)
+    assert 4.30265272974946 > half / math.sqrt(3.25) > 2.77644510519779   # 2 < df < 4
+    assert seeds.difference_interval([0.5, 0.5], [0.4, 0.4]) == (pytest.approx(0.1), 0.0, 2.0)
+    with pytest.raises(ValueError, match="two or more values"):
+        seeds.difference_interval([0.5], [0.4, 0.3])
+
+
 def test_runs_that_differ_only_by_seed_and_logging_are_one_experiment():
     a = Config(dataset="omniglot", seed=0).to_flat_dict()
     b = Config(dataset="omniglot", seed=1, log_every=7, jit_compile=False).to_flat_dict()
@@ -179,10 +195,10 @@ def test_a_stopped_sweep_resumes_without_redoing_its_finished_runs(tmp_path):
 
 
 # -- the report over seeds -------------------------------------------------------------------
-def _seed_run(root, name, seed, accuracy, task_ci):
+def _seed_run(root, name, seed, accuracy, task_ci, algorithm="maml"):
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
-    config = Config(dataset="omniglot", algorithm="maml", way=5, shot=1, seed=seed)
+    config = Config(dataset="omniglot", algorithm=algorithm, way=5, shot=1, seed=seed)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json())
     results = {
@@ -211,6 +227,30 @@ def test_the_report_gives_runs_that_differ_by_seed_one_row_over_seeds(tmp_path, 
     assert report.main(["report", "--per_seed", str(tmp_path)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| Omniglot")]
     assert len(lines) == 4 and "maml, seed 2" in lines[3] and "98.00 ± 0.60 %" in lines[3]
+
+
+def test_the_report_says_which_seed_groups_differ_beyond_their_spread(tmp_path, capsys):
+    groups = {"maml": [0.95, 0.96, 0.98], "protonet": [0.97, 0.98, 0.96],
+              "anil": [0.90, 0.91, 0.92]}
+    for algorithm, values in groups.items():
+        for seed, v in enumerate(values):
+            _seed_run(tmp_path / algorithm, f"seed-{seed}", seed, v, 0.005, algorithm)
+    assert report.main(["report", "--compare=maml", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Differences to maml (3 seeds)" in out
+    rows = {ln.split(" | ")[0]: ln for ln in out.splitlines() if ln.startswith("| anil, ") or
+            ln.startswith("| protonet, ")}
+    assert set(rows) == {"| anil, 3 seeds", "| protonet, 3 seeds"}   # not maml against itself
+    for algorithm in ("anil", "protonet"):
+        diff, half, df = seeds.difference_interval(groups[algorithm], groups["maml"])
+        sign = "+" if diff >= 0 else "−"
+        assert f"{sign}{100 * abs(diff):.2f} ± {100 * half:.2f} % (df {df:.1f}" in \
+            rows[f"| {algorithm}, 3 seeds"]
+    assert "beyond the seed spread" in rows["| anil, 3 seeds"]        # −6 points, spread ~2
+    assert "within it" in rows["| protonet, 3 seeds"]                 # +0.67 points
+    assert report.main(["report", "--compare=reptile", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--compare=reptile must name exactly one group" in err and "anil, maml, protonet" in err
 
 
 # -- a real sweep: python -m maml_tf.sweep, its report and its HParams ------------------------
