@@ -1,4 +1,6 @@
-"""Plots a run's validation curve (``history.json``) to a PNG; kept short.
+"""Plots a run's validation curve (``history.json``) to a PNG; kept short. Prints the best
+validation and the last iteration where the curve rose beyond the CI of the best before it
+(``plots.last_rise``), which says whether a long run has stopped improving.
 
     python -m maml_tf.plot_curve --workdir=$HOME/maml_runs/omniglot_5w1s --out=curve.png
 """
@@ -27,6 +29,13 @@ def main(argv):
                          [h[f"{key}_ci95"] for h in history],
                          FLAGS.title or os.path.basename(os.path.normpath(FLAGS.workdir)),
                          f"validation {key} (95% CI)", FLAGS.out)
+    steps, means, cis = ([h[k] for h in history] for k in ("step", key, f"{key}_ci95"))
+    best = (max if key == "accuracy" else min)(range(len(means)), key=lambda i: means[i])
+    rise = plots.last_rise(steps, means, cis, higher_is_better=key == "accuracy")
+    print(f"Wrote {FLAGS.out}. Best validation {key}: {means[best]:.4f} ± {cis[best]:.4f} at "
+          f"iteration {steps[best]}; the last rise beyond the CI of the best before it was at "
+          f"iteration {rise}, {steps[-1] - rise:,} iterations before the last validation "
+          f"({steps[-1]}).")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,21 @@ def learning_curve(steps, means, cis, title: str, ylabel: str, path: str) -> Non
     plt.close(fig)
 
 
+def last_rise(steps, means, cis, higher_is_better: bool = True):
+    """The last step whose value beats the best value before it by more than that best's
+    95% CI: where the curve last rose beyond its noise (the first point counts as a rise).
+    A long run may stop once this lies far enough behind (``runs/README.md`` takes 10,000
+    iterations). ``steps``, ``means``, ``cis``: one entry per validation, in step order."""
+    sign = 1.0 if higher_is_better else -1.0
+    rise, best, best_ci = None, None, 0.0
+    for step, mean, ci in zip(steps, means, cis):
+        if best is None or sign * (mean - best) > best_ci:
+            rise = step
+        if best is None or sign * (mean - best) > 0:
+            best, best_ci = mean, ci
+    return rise
+
+
 def _figure_to_image(fig) -> tf.Tensor:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -460,6 +460,22 @@ def test_a_curve_of_one_validation_point_shows_the_point(tmp_path):
     assert blue.sum() > 10
 
 
+def test_the_last_rise_of_a_curve_is_beyond_the_ci_of_the_best_before_it():
+    from maml_tf import plots
+    steps = [1000, 2000, 3000, 4000, 5000, 6000]
+    # 2000 beats 0.50 +- 0.05; 3000 is within 0.60's CI; 4000 beats the best (0.62 +- 0.04)
+    # by more than its CI; 5000 is a new best but within 0.67's CI; 6000 falls.
+    means = [0.50, 0.60, 0.62, 0.67, 0.69, 0.55]
+    cis = [0.05, 0.04, 0.04, 0.03, 0.03, 0.03]
+    assert plots.last_rise(steps, means, cis) == 4000
+    # The best moves to 0.69 at 5000: 0.73 must beat 0.69 + 0.03, not 0.67 + 0.03.
+    assert plots.last_rise(steps + [7000], means + [0.715], cis + [0.03]) == 4000
+    assert plots.last_rise(steps + [7000], means + [0.725], cis + [0.03]) == 7000
+    # A loss falls: the same curve mirrored.
+    assert plots.last_rise(steps, [-m for m in means], cis, higher_is_better=False) == 4000
+    assert plots.last_rise([], [], []) is None
+
+
 @pytest.mark.parametrize("fixture, first", [("flat_config_sinusoid.json", 2),
                                             ("flat_config_navigation_2d.json", 1)])
 def test_a_workdir_whose_config_json_is_flat_resumes_and_evaluates(tmp_path, fixture, first):
