@@ -174,8 +174,8 @@ def _last_values(members: list[RunRecord], column: str, shot_key: str) -> list[f
 
 
 def comparison(runs: list[RunRecord], reference: str) -> str:
-    """Each group of seeds against the group the table names ``reference`` (``maml``,
-    ``mamlpp (BNRS)``, ...), per evaluation column and test shot count: the difference of
+    """Each group of seeds of the same cell (data set, way, shot) against the group the table
+    names ``reference`` (``maml``, ``mamlpp (BNRS)``, ...), per evaluation column: the difference of
     the seed means ± its 95% CI by Welch's t (``seeds.difference_interval``), and whether
     the difference is larger than the seeds' spread. ``ReportError`` unless exactly one
     group of two or more seeds has that name."""
@@ -196,6 +196,9 @@ def comparison(runs: list[RunRecord], reference: str) -> str:
             continue
         fmt, unit = _format(members[0].main.metric)
         for shot_key in members[0].main.by_shot:
+            cell = _cell(members[0].config, shot_key)
+            if cell != _cell(ref[0].config, shot_key):   # another data set, way or shot
+                continue
             cells = []
             for column in columns:
                 a, b = _last_values(members, column, shot_key), _last_values(ref, column, shot_key)
@@ -206,8 +209,7 @@ def comparison(runs: list[RunRecord], reference: str) -> str:
                 verdict = "**beyond the seed spread**" if abs(diff) > half else "within it"
                 cells.append(f"{'+' if diff >= 0 else '−'}{fmt(abs(diff))} ± {fmt(half)}{unit} "
                              f"(df {df:.1f}; {verdict})")
-            lines.append(f"| {name}, {len(members)} seeds | {_cell(members[0].config, shot_key)} "
-                         f"| " + " | ".join(cells) + " |")
+            lines.append(f"| {name}, {len(members)} seeds | {cell} | " + " | ".join(cells) + " |")
     return (f"Differences to {reference} ({len(ref)} seeds): the seed means' difference ± "
             "its 95% CI by Welch's t over seeds\n\n" + "\n".join(lines))
 

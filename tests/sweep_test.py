@@ -195,10 +195,10 @@ def test_a_stopped_sweep_resumes_without_redoing_its_finished_runs(tmp_path):
 
 
 # -- the report over seeds -------------------------------------------------------------------
-def _seed_run(root, name, seed, accuracy, task_ci, algorithm="maml"):
+def _seed_run(root, name, seed, accuracy, task_ci, algorithm="maml", way=5):
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
-    config = Config(dataset="omniglot", algorithm=algorithm, way=5, shot=1, seed=seed)
+    config = Config(dataset="omniglot", algorithm=algorithm, way=way, shot=1, seed=seed)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json())
     results = {
@@ -235,12 +235,17 @@ def test_the_report_says_which_seed_groups_differ_beyond_their_spread(tmp_path, 
     for algorithm, values in groups.items():
         for seed, v in enumerate(values):
             _seed_run(tmp_path / algorithm, f"seed-{seed}", seed, v, 0.005, algorithm)
+    for seed, v in enumerate(groups["anil"]):   # another cell: not compared with 5-way MAML
+        _seed_run(tmp_path / "relation20", f"seed-{seed}", seed, v, 0.005, "relation", 20)
     assert report.main(["report", "--compare=maml", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Differences to maml (3 seeds)" in out
     rows = {ln.split(" | ")[0]: ln for ln in out.splitlines() if ln.startswith("| anil, ") or
             ln.startswith("| protonet, ")}
     assert set(rows) == {"| anil, 3 seeds", "| protonet, 3 seeds"}   # not maml against itself
+    table, differences = out.split("Differences to maml")
+    assert "| Omniglot 20-way 1-shot | relation, 3 seeds |" in table
+    assert "relation" not in differences
     for algorithm in ("anil", "protonet"):
         diff, half, df = seeds.difference_interval(groups[algorithm], groups["maml"])
         sign = "+" if diff >= 0 else "−"
@@ -250,7 +255,7 @@ def test_the_report_says_which_seed_groups_differ_beyond_their_spread(tmp_path, 
     assert "within it" in rows["| protonet, 3 seeds"]                 # +0.67 points
     assert report.main(["report", "--compare=reptile", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "--compare=reptile must name exactly one group" in err and "anil, maml, protonet" in err
+    assert "--compare=reptile must name exactly one group" in err and "anil, maml, protonet, relation" in err
 
 
 # -- a real sweep: python -m maml_tf.sweep, its report and its HParams ------------------------
