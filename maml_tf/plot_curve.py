@@ -25,11 +25,10 @@ def main(argv):
         raise SystemExit(f"{path} does not exist: the run has not validated yet.")
     history = json.load(open(path))
     key = "accuracy" if "accuracy" in history[0] else "loss"
-    plots.learning_curve([h["step"] for h in history], [h[key] for h in history],
-                         [h[f"{key}_ci95"] for h in history],
+    steps, means, cis = ([h[k] for h in history] for k in ("step", key, f"{key}_ci95"))
+    plots.learning_curve(steps, means, cis,
                          FLAGS.title or os.path.basename(os.path.normpath(FLAGS.workdir)),
                          f"validation {key} (95% CI)", FLAGS.out)
-    steps, means, cis = ([h[k] for h in history] for k in ("step", key, f"{key}_ci95"))
     best = (max if key == "accuracy" else min)(range(len(means)), key=lambda i: means[i])
     rise = plots.last_rise(steps, means, cis, higher_is_better=key == "accuracy")
     print(f"Wrote {FLAGS.out}. Best validation {key}: {means[best]:.4f} ± {cis[best]:.4f} at "

@@ -95,7 +95,7 @@ def difference_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, 
     if len(a) < 2 or len(b) < 2:
         raise ValueError("difference_interval needs two or more values in each group, got "
                          f"{len(a)} and {len(b)}.")
-    (mean_a, _), (mean_b, _) = seed_interval(a), seed_interval(b)
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
     var_a = sum((v - mean_a) ** 2 for v in a) / (len(a) - 1) / len(a)
     var_b = sum((v - mean_b) ** 2 for v in b) / (len(b) - 1) / len(b)
     if var_a + var_b == 0.0:

@@ -468,7 +468,7 @@ def test_the_last_rise_of_a_curve_is_beyond_the_ci_of_the_best_before_it():
     means = [0.50, 0.60, 0.62, 0.67, 0.69, 0.55]
     cis = [0.05, 0.04, 0.04, 0.03, 0.03, 0.03]
     assert plots.last_rise(steps, means, cis) == 4000
-    # The best moves to 0.69 at 5000: 0.73 must beat 0.69 + 0.03, not 0.67 + 0.03.
+    # The best moved to 0.69 at 5000: a rise must beat 0.69 + 0.03, not 0.67 + 0.03.
     assert plots.last_rise(steps + [7000], means + [0.715], cis + [0.03]) == 4000
     assert plots.last_rise(steps + [7000], means + [0.725], cis + [0.03]) == 7000
     # A loss falls: the same curve mirrored.
