@@ -95,6 +95,15 @@ class StopSignals:
         stop signal stops at once, and the same command evaluates again."""
         self._at_once = step
 
+    def check(self) -> None:
+        """Raises ``RunInterrupted`` if a stop signal came after ``at_once``. The handler
+        raises it at once, but from whatever code runs at that moment, which can lose it:
+        a ``__del__`` swallows it, and autograph, tracing, wraps it in a ``StagingError``
+        (both seen here: a SIGTERM during the final evaluation ended a run with exit 0 and
+        its results written, another with exit 1 and a traceback)."""
+        if self._at_once is not None and self.requested is not None:
+            raise RunInterrupted(self.requested, self._at_once)
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -237,7 +246,11 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
     stop.at_once(done)
     logging.info("Final evaluation of ckpt-%d (a stop signal now ends it at once; the same "
                  "command evaluates again).", done)
-    results = final_evaluation(r, train_seconds, start)
+    try:
+        results = final_evaluation(r, train_seconds, start, before_writing=stop.check)
+    except Exception:
+        stop.check()   # a stop raised inside TensorFlow may come back as another error
+        raise
     distribute.any_worker(r.strategy, False)   # a barrier: the workers of a cluster end together
     hooks.end(results)
     return results
@@ -299,16 +312,19 @@ def read_config(workdir: str) -> Config:
 
 
 def final_evaluation(r: Run, train_seconds: float = 0.0, start: int = 0,
-                     name: str = "results") -> dict:
+                     name: str = "results", before_writing=None) -> dict:
     """Evaluates on the fixed test tasks and writes ``<name>.json`` atomically; TensorBoard
     gets the values under ``eval/`` (``eval/<name>/`` for a named evaluation) once per step:
-    an evaluation that repeats a written result does not write them again."""
+    an evaluation that repeats a written result does not write them again. ``before_writing``
+    (no arguments) is called before ``<name>.json`` is written, and may raise to keep it unwritten."""
     step = int(r.step.numpy())
     path = os.path.join(r.workdir, f"{name}.json")
     t0 = time.time()
     events = os.path.join(r.workdir, "eval", "" if name == "results" else name)
     with metrics.writer(events).as_default():
         out = r.family.evaluate(r, summaries=not _already_written(path, step))
+    if before_writing is not None:
+        before_writing()
     results = {
         "protocol": out.protocol,
         "legend": out.legend,

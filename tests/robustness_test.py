@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from maml_tf import api, supervised
+from maml_tf.harness import RunInterrupted
 from maml_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -302,6 +303,46 @@ def test_files_outside_the_workdir_and_permissions(tmp_path):
     assert os.listdir(home) == [".cache"] and os.listdir(home / ".cache") == ["maml_tf"]
     for name in ("config.json", "flags.cfg", "history.json", "results.json"):
         assert os.stat(workdir / name).st_mode & 0o777 == 0o644, name
+
+
+class _Swallowed:
+    """Runs the signal handler where its exception is lost, as a ``__del__`` does."""
+
+    def __init__(self):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)   # the handler runs here, in the main thread
+        except RunInterrupted:
+            pass
+
+
+class _Wrapped:
+    """Runs it where the exception comes back as another one, as autograph's tracing does."""
+
+    def __init__(self):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        except RunInterrupted as e:
+            raise RuntimeError("in user code: ...") from e
+
+
+@pytest.mark.parametrize("where", [_Swallowed, _Wrapped])
+def test_a_stop_lost_inside_the_final_evaluation_still_stops_it(tmp_path, monkeypatch, where):
+    # Measured: a SIGTERM during the final evaluation ended one CI run with exit 0 and the
+    # results written (the handler's exception was lost), and a local run with exit 1 and a
+    # StagingError traceback (the signal came while a function was traced).
+    workdir = str(tmp_path / "run")
+    real = supervised.SupervisedFamily.evaluate
+
+    def signalled(self, r, summaries):
+        where()
+        return real(self, r, summaries)
+    monkeypatch.setattr(supervised.SupervisedFamily, "evaluate", signalled)
+    config = Config.from_dict({**SMOKE, "num_iterations": 2, "jit_compile": False})
+    with pytest.raises(RunInterrupted, match="after iteration 2"):
+        api.train(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
 def test_sigterm_during_the_final_evaluation_stops_it_and_the_same_command_evaluates_again(tmp_path):
