@@ -18,7 +18,8 @@ from maml_tf import distribute, grid
 from maml_tf.config import OWNER as C_OWNER, Config, ConfigError
 from maml_tf.data.errors import DataError
 from maml_tf.models.functional import InexactModelError
-from maml_tf.harness import NonFiniteError, RunInterrupted
+from maml_tf.harness import NonFiniteError
+from maml_tf.stop_signals import RunInterrupted
 
 # Most specific first: the checkpointing errors are ConfigErrors.
 _KINDS = ((InexactModelError, "Model error"), (ConfigError, "Configuration error"),
@@ -50,7 +51,7 @@ def user_errors(verbose: bool, leave_process: bool = False):
         print(e, file=sys.stderr)
         raise _stopped(e.exit_code, leave_process) from None
     except KeyboardInterrupt as e:
-        # A second SIGINT / SIGTERM (harness.StopSignals) or Ctrl-C before the handlers.
+        # A second SIGINT / SIGTERM (stop_signals.StopSignals) or Ctrl-C before the handlers.
         if verbose:
             raise
         print(f"Stopped at once ({e or 'interrupted'}), without a checkpoint of the iteration in "

@@ -1,7 +1,8 @@
 """The run harness: what every run does, whatever its tasks are.
 
-``train(family, config, workdir)`` owns the workdir lock, the stop signals, restore-or-init
-(with the damaged-checkpoint fallback of ``checkpointing``), the schedule, ``sessions.json``,
+``train(family, config, workdir)`` owns the workdir lock, the stop signals (the handlers of
+``stop_signals``), restore-or-init (with the damaged-checkpoint fallback of
+``checkpointing``), the schedule, ``sessions.json``,
 ``history.json``, the non-finite stop, checkpoints, validation bookkeeping, the results file
 and its provenance. A *task family* (``family.TaskFamily``: supervised episodes in
 ``maml_tf/supervised.py``, policy rollouts in ``maml_tf/rl/family.py``) provides only what
@@ -25,7 +26,6 @@ import dataclasses
 import json
 import os
 import signal
-import threading
 import time
 from typing import Callable
 
@@ -37,6 +37,7 @@ from maml_tf import callbacks as callbacks_lib, checkpointing, distribute, metri
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
 from maml_tf.family import FamilyFactory, Run, TaskFamily  # noqa: F401 -- TaskFamily: API
 from maml_tf.models import entering_run, model_spec
+from maml_tf.stop_signals import RunInterrupted, StopSignals
 
 # The settings ``evaluate`` may change for one evaluation of a trained run.
 EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "eval_queries",
@@ -47,67 +48,6 @@ EVAL_OVERRIDES = ("eval_tasks", "eval_inner_steps", "eval_shots", "eval_seed", "
 
 class NonFiniteError(FloatingPointError):
     """The meta-loss or meta-gradient became NaN or Inf."""
-
-
-class RunInterrupted(Exception):
-    """SIGTERM or SIGINT stopped the run after a checkpoint of its last iteration."""
-
-    def __init__(self, signum: int, step: int):
-        self.exit_code = 128 + signum
-        super().__init__(f"Stopped by {signal.Signals(signum).name} after iteration {step}: "
-                         f"checkpoint ckpt-{step} is saved; run the same command again to resume.")
-
-
-class StopSignals:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the iteration in
-    progress, which is then checkpointed; a second signal stops at once, and so does the
-    first during the final evaluation (``at_once``). Handlers can only be installed in the
-    main thread; elsewhere signals keep their usual effect."""
-
-    def __enter__(self) -> "StopSignals":
-        self.requested: int | None = None
-        self._at_once: int | None = None
-        self._previous: dict = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
-        if self._at_once is not None:   # nothing left to checkpoint: stop now
-            self.requested = signum
-            raise RunInterrupted(signum, self._at_once)
-        self.requested = signum
-        logging.warning("%s received: stopping after this iteration (send it again to stop at "
-                        "once, without a checkpoint).", signal.Signals(signum).name)
-
-    def reinstall(self) -> None:
-        """Takes SIGTERM and SIGINT back (TensorFlow's multi-worker coordination agent
-        installs its own SIGTERM handler as it starts, which only logs the signal)."""
-        if self._previous:
-            for sig in self._previous:
-                signal.signal(sig, self._handle)
-
-    def at_once(self, step: int) -> None:
-        """From now on (the final evaluation: training ended with checkpoint ``ckpt-step``), a
-        stop signal stops at once, and the same command evaluates again."""
-        self._at_once = step
-
-    def check(self) -> None:
-        """Raises ``RunInterrupted`` if a stop signal came after ``at_once``. The handler
-        raises it at once, but from whatever code runs at that moment, which can lose it:
-        a ``__del__`` swallows it, and autograph, tracing, wraps it in a ``StagingError``
-        (both seen here: a SIGTERM during the final evaluation ended a run with exit 0 and
-        its results written, another with exit 1 and a traceback)."""
-        if self._at_once is not None and self.requested is not None:
-            raise RunInterrupted(self.requested, self._at_once)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 @dataclasses.dataclass

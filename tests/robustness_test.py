@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from maml_tf import api, supervised
-from maml_tf.harness import RunInterrupted
+from maml_tf.stop_signals import RunInterrupted
 from maml_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

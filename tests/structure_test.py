@@ -20,7 +20,7 @@ FLOORS = [
     {"maml_tf.version", "maml_tf.config", "maml_tf.seeds", "maml_tf.papers"},
     {"maml_tf.data", "maml_tf.models", "maml_tf.losses", "maml_tf.provenance",
      "maml_tf.checkpointing", "maml_tf.distribute", "maml_tf.metrics", "maml_tf.callbacks",
-     "maml_tf.run_records"},
+     "maml_tf.run_records", "maml_tf.stop_signals"},
     {"maml_tf.meta_learner", "maml_tf.plots"},
     {"maml_tf.algorithms", "maml_tf.evaluation"},
     {"maml_tf.family"},
