@@ -2,13 +2,12 @@
 
 ``train(family, config, workdir)`` owns the workdir lock, the stop signals (the handlers of
 ``stop_signals``), restore-or-init (with the damaged-checkpoint fallback of
-``checkpointing``), the schedule, ``sessions.json``,
-``history.json``, the non-finite stop, checkpoints, validation bookkeeping, the results file
-and its provenance. A *task family* (``family.TaskFamily``: supervised episodes in
-``maml_tf/supervised.py``, policy rollouts in ``maml_tf/rl/family.py``) provides only what
-differs: its network, its learner, its data or environment, its train step, its validation,
-its evaluation and its summaries. The harness imports no family; a new family is a subclass
-passed to ``train`` and needs no change here.
+``checkpointing``), the schedule, ``sessions.json``, ``history.json``, the non-finite stop,
+checkpoints, validation bookkeeping, the results file and its provenance. A *task family*
+(``family.TaskFamily``: supervised episodes in ``maml_tf/supervised.py``, policy rollouts in
+``maml_tf/rl/family.py``) provides only what differs: its network, its learner, its data or
+environment, its train step, its validation, its evaluation and its summaries. The harness
+imports no family; a new family is a subclass passed to ``train`` and needs no change here.
 
 ``train`` reads top to bottom:
 

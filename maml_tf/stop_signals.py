@@ -58,9 +58,10 @@ class StopSignals:
     def check(self) -> None:
         """Raises ``RunInterrupted`` if a stop signal came after ``at_once``. The handler
         raises it at once, but from whatever code runs at that moment, which can lose it:
-        a ``__del__`` swallows it, and autograph, tracing, wraps it in a ``StagingError``
-        (both seen here: a SIGTERM during the final evaluation ended a run with exit 0 and
-        its results written, another with exit 1 and a traceback)."""
+        code that swallows exceptions (a ``__del__`` does) drops it, and autograph, tracing,
+        wraps it in a ``StagingError``. Seen: a SIGTERM during the final evaluation ended a
+        CI run with exit 0 and its results written (where the exception went is not known),
+        and a run here with exit 1 and a ``StagingError`` traceback."""
         if self._at_once is not None and self.requested is not None:
             raise RunInterrupted(self.requested, self._at_once)
 

@@ -305,33 +305,30 @@ def test_files_outside_the_workdir_and_permissions(tmp_path):
         assert os.stat(workdir / name).st_mode & 0o777 == 0o644, name
 
 
-class _Swallowed:
-    """Runs the signal handler where its exception is lost, as a ``__del__`` does."""
+def _swallowed():
+    """Runs the signal handler where its exception is lost, as code that swallows
+    exceptions (a ``__del__``) would."""
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)   # the handler runs here, in the main thread
+    except RunInterrupted:
+        pass
 
-    def __init__(self):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.1)   # the handler runs here, in the main thread
-        except RunInterrupted:
-            pass
 
-
-class _Wrapped:
+def _wrapped():
     """Runs it where the exception comes back as another one, as autograph's tracing does."""
-
-    def __init__(self):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.1)
-        except RunInterrupted as e:
-            raise RuntimeError("in user code: ...") from e
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+    except RunInterrupted as e:
+        raise RuntimeError("in user code: ...") from e
 
 
-@pytest.mark.parametrize("where", [_Swallowed, _Wrapped])
+@pytest.mark.parametrize("where", [_swallowed, _wrapped])
 def test_a_stop_lost_inside_the_final_evaluation_still_stops_it(tmp_path, monkeypatch, where):
-    # Measured: a SIGTERM during the final evaluation ended one CI run with exit 0 and the
-    # results written (the handler's exception was lost), and a local run with exit 1 and a
-    # StagingError traceback (the signal came while a function was traced).
+    # Seen: a SIGTERM during the final evaluation ended one CI run with exit 0 and the
+    # results written (the handler's exception was lost, where is not known), and a local
+    # run with exit 1 and a StagingError traceback (the signal came while a function was traced).
     workdir = str(tmp_path / "run")
     real = supervised.SupervisedFamily.evaluate
 
