@@ -304,9 +304,7 @@ def make_manager(checkpoint: tf.train.Checkpoint, directory: str,
             state = None
         # An index that names its checkpoints by absolute paths (written by earlier versions
         # after a rebuild) breaks once the workdir is moved: it is rewritten with file names.
-        absolute = state is not None and any(
-            os.path.isabs(p) for p in [state.model_checkpoint_path,
-                                       *state.all_model_checkpoint_paths])
+        absolute = state is not None and _index_has_absolute_paths(directory)
         if damaged or absolute or state is None or \
                 os.path.basename(state.model_checkpoint_path) != os.path.basename(good):
             kept = sorted((p for p in candidates if _number(p) <= _number(good)), key=_number)
@@ -316,6 +314,19 @@ def make_manager(checkpoint: tf.train.Checkpoint, directory: str,
                             "written with absolute paths" if absolute and not damaged else
                             "out of date", os.path.basename(good))
     return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep)
+
+
+def _index_has_absolute_paths(directory: str) -> bool:
+    """Whether the ``checkpoint`` index file itself names a checkpoint by an absolute path.
+    (``tf.train.get_checkpoint_state`` joins every relative name to ``directory``, so its
+    answer cannot tell.)"""
+    try:
+        with open(os.path.join(directory, "checkpoint")) as f:
+            text = f.read()
+    except OSError:
+        return False
+    return any(os.path.isabs(path) for path in
+               re.findall(r'^\s*(?:all_)?model_checkpoint_paths?:\s*"(.*)"\s*$', text, re.M))
 
 
 def _write_index(directory: str, latest: str, kept: list[str]) -> None:

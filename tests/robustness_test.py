@@ -231,7 +231,17 @@ def test_a_missing_or_garbled_checkpoint_index_still_resumes(tmp_path):
         assert not [n for n in left if "_temp" in n or n.startswith("checkpoint.tmp")], left
 
 
-def test_a_moved_workdir_whose_index_holds_absolute_paths_resumes(tmp_path):
+def test_an_index_the_run_wrote_itself_loads_without_a_warning_or_a_rewrite(tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    api.train(Config.from_dict(SMOKE), workdir)
+    index = os.path.join(workdir, "checkpoints", "checkpoint")
+    written = open(index).read()
+    api.evaluate_workdir(workdir)
+    assert not [r for r in caplog.records if "checkpoint index" in r.getMessage()]
+    assert open(index).read() == written
+
+
+def test_a_moved_workdir_whose_index_holds_absolute_paths_resumes(tmp_path, caplog):
     import shutil
     base = str(tmp_path / "base")
     api.train(Config.from_dict({**SMOKE, "checkpoint_every": 1}), base)   # ckpt-2, 3, 4 kept
@@ -249,6 +259,7 @@ def test_a_moved_workdir_whose_index_holds_absolute_paths_resumes(tmp_path):
     index = open(os.path.join(moved, "checkpoints", "checkpoint")).read()
     paths = [line.split('"')[1] for line in index.splitlines() if "checkpoint_path" in line]
     assert paths and not [p for p in paths if os.path.sep in p], index   # file names only
+    assert [r for r in caplog.records if "written with absolute paths" in r.getMessage()]
 
 
 def test_after_an_index_rebuild_only_the_newest_three_checkpoints_are_kept(tmp_path):
