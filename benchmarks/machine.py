@@ -25,7 +25,11 @@ def machine() -> dict:
            if flag in flags]
     return {"cpu": model, "cores": os.cpu_count(), "isa": isa,
             "kind": "AMX" if "AMX" in isa else "AVX-512" if "AVX-512" in isa else
-                    "AVX2" if "AVX2" in isa else "other"}
+                    "AVX2" if "AVX2" in isa else "other",
+            # oneDNN (TensorFlow's kernels, mixed_bfloat16's bfloat16) builds its kernels for
+            # at most this instruction set: a way to measure what a CPU without AMX or
+            # AVX-512 BF16 gives, on one that has them. XLA's own kernels ignore it.
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
 
 
 def tf_matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5, dtype: str = "float32") -> float:
@@ -50,5 +54,6 @@ def tf_matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5, dtype: str = "flo
 
 
 def describe(info: dict) -> str:
+    capped = info.get("onednn_max_cpu_isa")
     return (f"{info['cpu']}, {info['cores']} cores, {' '.join(info['isa']) or 'no AVX'} "
-            f"(kind: {info['kind']})")
+            f"(kind: {info['kind']})" + (f", oneDNN capped at {capped}" if capped else ""))

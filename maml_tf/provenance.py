@@ -40,10 +40,37 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features with which oneDNN computes bfloat16 natively: AVX-512 BF16 (Cooper Lake,
+# Zen 4 and later) and AMX (Sapphire Rapids and later) on x86, BF16 (Armv8.6) on Arm. Without
+# them oneDNN emulates bfloat16 with float32 instructions, slower than float32 itself.
+BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The first CPU's feature flags as ``path`` lists them (x86: ``flags``, Arm:
+    ``Features``); None where it cannot be read or lists none (macOS, Windows)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def bfloat16_hardware(flags: frozenset[str] | None) -> bool | None:
+    """Whether a CPU with ``flags`` (``cpu_flags()``) computes bfloat16 natively; None if
+    unknown."""
+    return None if flags is None else bool(flags & BFLOAT16_FLAGS)
+
+
 def environment(strategy: tf.distribute.Strategy | None = None) -> dict:
     devices = [d.name for d in tf.config.list_logical_devices() if d.device_type != "CPU"]
     return {"maml_tf": VERSION, "git": git_commit(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "python": platform.python_version(),
             "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_bfloat16": bfloat16_hardware(cpu_flags()),
             "accelerators": devices or None,
             "replicas": strategy.num_replicas_in_sync if strategy is not None else 1}

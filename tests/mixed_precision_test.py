@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from maml_tf import harness, provenance
 from maml_tf.config import Config, ConfigError
 from maml_tf.meta_learner import MetaLearner
 from maml_tf.models import mixed, zoo
@@ -134,11 +135,41 @@ def test_mixed_precision_compiles_layer_by_layer_and_refuses_a_tpu():
         Config(dataset="omniglot", precision="mixed_bfloat16", strategy="tpu")
 
 
+def test_the_cpu_flags_say_whether_the_cpu_computes_bfloat16(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f amx_bf16 avx512_bf16\n"
+                   "\nprocessor\t: 1\nflags\t\t: fpu\n")
+    old_x86 = tmp_path / "old"
+    old_x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    flags = provenance.cpu_flags(str(x86))
+    assert flags == {"fpu", "avx512f", "amx_bf16", "avx512_bf16"}
+    assert provenance.bfloat16_hardware(flags) is True
+    assert provenance.bfloat16_hardware(provenance.cpu_flags(str(arm))) is True
+    assert provenance.bfloat16_hardware(provenance.cpu_flags(str(old_x86))) is False
+    assert provenance.cpu_flags(str(tmp_path / "absent")) is None
+    assert provenance.bfloat16_hardware(None) is None
+
+
+def test_mixed_bfloat16_warns_only_on_a_cpu_without_bfloat16_units():
+    mixed_config = Config(dataset="omniglot", precision="mixed_bfloat16")
+    without, with_amx = frozenset({"avx512f"}), frozenset({"avx512f", "amx_bf16"})
+    [message] = harness.hardware_warnings(mixed_config, without, accelerated=False)
+    assert "neither avx512_bf16 nor amx_bf16" in message and "--precision=float32" in message
+    assert harness.hardware_warnings(mixed_config, with_amx, accelerated=False) == []
+    assert harness.hardware_warnings(mixed_config, without, accelerated=True) == []
+    assert harness.hardware_warnings(mixed_config, None, accelerated=False) == []   # unknown
+    assert harness.hardware_warnings(Config(dataset="omniglot"), without, False) == []
+
+
 @pytest.mark.isolated
-def test_a_mixed_precision_run_trains_and_evaluates_in_every_mode(tmp_path):
+def test_a_mixed_precision_run_trains_and_evaluates_in_every_mode(tmp_path, monkeypatch, caplog):
     """Conv-4 on random images through maml_tf.train: the step without one XLA program, the
-    support mode's batch norm (which collects statistics, so runs unfused) and per-example."""
+    support mode's batch norm (which collects statistics, so runs unfused) and per-example;
+    as on a CPU without bfloat16 units, which it is told in a warning."""
     import maml_tf
+    monkeypatch.setattr(provenance, "cpu_flags", lambda: frozenset({"avx512f"}))
     rng = np.random.RandomState(0)
     images = rng.randint(0, 255, (12 * 5, 10, 10)).astype(np.uint8)
     labels = np.repeat(np.arange(12), 5)
@@ -150,7 +181,10 @@ def test_a_mixed_precision_run_trains_and_evaluates_in_every_mode(tmp_path):
     for mode in ("transductive", "support", "per_example"):
         workdir = str(tmp_path / mode)
         results[mode] = maml_tf.train(config.replace(eval_mode=mode), workdir,
-                                      data=(images, labels), verbose=0)
+                                      data=(images, labels), verbose=1)
         with open(os.path.join(workdir, "results.json")) as f:
             assert json.load(f) == results[mode]
+        assert results[mode]["environment"]["cpu_bfloat16"] is False
+    warned = [r for r in caplog.records if "CPU without bfloat16 units" in r.getMessage()]
+    assert len(warned) == 3, [r.getMessage() for r in caplog.records]
     print(results)
