@@ -15,7 +15,8 @@
 # results, sessions, history; no checkpoints, about 10 KB a run) are copied there, and back
 # into WORKDIR at the start, so that on a new machine the sweep skips those runs. The table
 # is then `python -m maml_tf.report KEEP`. A run stopped half-way is not kept: on a new
-# machine it starts again.
+# machine it starts again. FLAGFILES=runs/family/a.cfg,runs/family/b.cfg,... runs those
+# algorithms, in that order (cheapest first loses least to a lost machine).
 set -u
 W=${1:?usage: runs/family/run.sh WORKDIR [KEEP]}
 K=${2:-}
@@ -54,7 +55,7 @@ evaluate_finished() {
   done
 }
 
-$PY -m maml_tf.sweep --grid=flagfile=runs/family/*.cfg --seeds=3 --workdir="$W" \
+$PY -m maml_tf.sweep --grid="flagfile=${FLAGFILES:-runs/family/*.cfg}" --seeds=3 --workdir="$W" \
     --jobs="${JOBS:-2}" & sweep=$!
 while kill -0 $sweep 2>/dev/null; do
   evaluate_finished
