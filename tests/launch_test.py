@@ -67,11 +67,19 @@ def weights(workdir, step):
             if k.startswith("optimizer/_trainable_variables")}
 
 
-@pytest.mark.isolated
-def test_a_lost_worker_stops_the_other_and_the_launcher_restarts_the_cluster(tmp_path):
-    straight = str(tmp_path / "straight")
-    code, out = finish(launch(straight))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted two-worker run (the reference both tests end bitwise equal to)."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    code, out = finish(launch(workdir))
     assert code == 0, out[-4000:]
+    # A normal end: both workers exit 0, with no crash message.
+    assert "crashed" not in out and "Traceback" not in out, out[-4000:]
+    return workdir
+
+
+# Not `isolated`: this process only reads checkpoints; the launched workers train.
+def test_a_lost_worker_stops_the_other_and_the_launcher_restarts_the_cluster(straight, tmp_path):
     workdir = str(tmp_path / "run")
     proc = launch(workdir)
     wait_for(os.path.join(workdir, "checkpoints", "ckpt-100.index"), proc)
@@ -96,14 +104,8 @@ def test_a_lost_worker_stops_the_other_and_the_launcher_restarts_the_cluster(tmp
         np.testing.assert_array_equal(a[key], b[key])
 
 
-@pytest.mark.isolated
-def test_sigterm_stops_every_worker_at_one_checkpoint_and_the_resume_is_bitwise(tmp_path):
-    straight = str(tmp_path / "straight")
-    code, out = finish(launch(straight))
-    assert code == 0, out[-4000:]
-    # A normal end: both workers exit 0, with no crash message.
-    assert "crashed" not in out and "Traceback" not in out, out[-4000:]
-
+def test_sigterm_stops_every_worker_at_one_checkpoint_and_the_resume_is_bitwise(straight,
+                                                                                 tmp_path):
     stopped = str(tmp_path / "stopped")
     proc = launch(stopped)
     wait_for(os.path.join(stopped, "checkpoints", "ckpt-100.index"), proc)

@@ -177,14 +177,18 @@ def test_a_mixed_precision_run_trains_and_evaluates_in_every_mode(tmp_path, monk
                     num_filters=4, meta_batch_size=2, num_iterations=4, val_tasks=3,
                     eval_tasks=3, eval_every=2, eval_inner_steps=2,
                     precision="mixed_bfloat16")
-    results = {}
-    for mode in ("transductive", "support", "per_example"):
-        workdir = str(tmp_path / mode)
-        results[mode] = maml_tf.train(config.replace(eval_mode=mode), workdir,
-                                      data=(images, labels), verbose=1)
-        with open(os.path.join(workdir, "results.json")) as f:
-            assert json.load(f) == results[mode]
-        assert results[mode]["environment"]["cpu_bfloat16"] is False
+    # One training run (validated in the support mode), then the test tasks in each mode.
+    workdir = str(tmp_path / "run")
+    results = {"support": maml_tf.train(config.replace(eval_mode="support"), workdir,
+                                        data=(images, labels), verbose=1)}
+    for mode in ("transductive", "per_example"):
+        results[mode] = maml_tf.evaluate_workdir(workdir, data=(images, labels), eval_mode=mode)
+    for mode, result in results.items():
+        assert result["protocol"]["eval_mode"] == mode
+        accuracy = result["test"]["1shot"]["accuracy"]["mean"]
+        assert len(accuracy) == 3 and np.isfinite(accuracy).all(), result
+        assert result["environment"]["cpu_bfloat16"] is False
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f) == results["support"]
     warned = [r for r in caplog.records if "CPU without bfloat16 units" in r.getMessage()]
     assert len(warned) == 3, [r.getMessage() for r in caplog.records]
-    print(results)
