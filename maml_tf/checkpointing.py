@@ -22,7 +22,7 @@ from absl import logging
 from maml_tf.config import Config, ConfigError, flatten_config, resolved_rotations
 
 # Keys that may change when a run is resumed (a longer schedule, more logging).
-RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "checkpoint_every",
+RESUMABLE_KEYS = {"num_iterations", "log_every", "eval_every", "stop_when_flat", "checkpoint_every",
                   "eval_tasks", "on_nan", "strategy", "tpu", "jit_compile", "data_dir",
                   "data_source", "inner_recompute", "cpu_devices", "task_chunks",
                   "eval_mode", "eval_queries", "eval_trajectories", "eval_later_inner_lr",

@@ -197,6 +197,11 @@ flags.DEFINE_integer("step_metrics_every", _D.step_metrics_every,
                      "meta-gradient needs (the same update, up to 2x faster with 5 inner steps). "
                      "1: every meta-step.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Iterations between validation evaluations.")
+flags.DEFINE_integer("stop_when_flat", _D.stop_when_flat, "End meta-training once the validation "
+                     "curve has not risen beyond its 95% CI for this many iterations (the "
+                     "rule of runs/README.md's long runs: 10000), and evaluate; "
+                     "--num_iterations is then the most it trains. The run counts as finished "
+                     "(results.json says so); 0: train all --num_iterations.")
 flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Iterations between checkpoints.")
 
 # -- groups of runs ------------------------------------------------------------------------

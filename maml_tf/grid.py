@@ -115,13 +115,18 @@ def plan(axes: list[tuple[str, list[str]]], seeds: Sequence[int] | None) -> list
 
 
 def finished(workdir: str) -> bool:
-    """Whether the run in ``workdir`` has trained all its iterations and written results."""
+    """Whether the run in ``workdir`` has trained all its iterations, or as many as its
+    ``--stop_when_flat`` rule let it, and written results."""
     try:
         with open(os.path.join(workdir, "config.json")) as f:
             stored = json.load(f)
         iterations = stored.get("optim", stored).get("num_iterations")
+        rule = stored.get("evaluation", stored).get("stop_when_flat", 0)
         with open(os.path.join(workdir, "results.json")) as f:
-            return json.load(f)["protocol"]["checkpoint_step"] == iterations
+            results = json.load(f)
+        stopped = results.get("stopped_when_flat") or {}
+        return results["protocol"]["checkpoint_step"] == iterations or \
+            (bool(rule) and stopped.get("stop_when_flat") == rule)
     except (OSError, ValueError, KeyError, AttributeError):
         return False
 

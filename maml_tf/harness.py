@@ -32,7 +32,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from maml_tf import callbacks as callbacks_lib, checkpointing, distribute, metrics, provenance
+from maml_tf import callbacks as callbacks_lib, checkpointing, distribute, metrics, plots, provenance
 from maml_tf.config import CUSTOM_INSTANCE, Config, ConfigError
 from maml_tf.family import FamilyFactory, Run, TaskFamily  # noqa: F401 -- TaskFamily: API
 from maml_tf.models import entering_run, model_spec
@@ -154,7 +154,9 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
         if start and schedule.validate(start) and not any(h["step"] == start for h in history):
             # The last session stopped in this validation and saved its checkpoint first.
             _validate(r, start, history)
-        for step in range(start + 1, config.num_iterations + 1):
+        # A run that --stop_when_flat ended stays ended (unless the rule was loosened).
+        flat = bool(start) and _flat(config, history, start) is not None
+        for step in range(start + 1, start if flat else config.num_iterations + 1):
             problem = tasks.train_step(r, step)
             if problem is not None and config.on_nan == "fail":
                 raise NonFiniteError(f"{problem} The update was not applied and no checkpoint "
@@ -169,9 +171,12 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
             if schedule.validate(step):
                 _validate(r, step, history)
                 hooks.validated(step, history[-1])
-            if schedule.checkpoint(step) or hooks.stop_requested:
+                flat = _flat(config, history, step) is not None
+            if schedule.checkpoint(step) or hooks.stop_requested or flat:
                 r.manager.save(checkpoint_number=step)
                 session.record()   # a kill -9 from here on keeps this session's time
+            if flat:
+                break
             if hooks.stop_requested and step < config.num_iterations:
                 logging.warning("A callback stopped meta-training after iteration %d (checkpoint "
                                 "ckpt-%d); evaluating it. The same command resumes the training.",
@@ -182,11 +187,18 @@ def _train(family: FamilyFactory, config: Config, workdir: str, overwrite: bool,
         raise RunInterrupted(stop.requested, int(r.step.numpy()))
     # -- 5. Final evaluation --------------------------------------------------------------
     done = int(r.step.numpy())
+    stopped = _flat(config, history, done)
+    if stopped:
+        logging.info("Validation has not risen beyond its 95%% CI since iteration %d, %d "
+                     "iterations before %d (--stop_when_flat=%d): meta-training ends there.",
+                     stopped["last_rise"], stopped["flat_iterations"], done,
+                     stopped["stop_when_flat"])
     stop.at_once(done)
     logging.info("Final evaluation of ckpt-%d (a stop signal now ends it at once; the same "
                  "command evaluates again).", done)
     try:
-        results = final_evaluation(r, train_seconds, start, before_writing=stop.check)
+        results = final_evaluation(r, train_seconds, start, before_writing=stop.check,
+                                   stopped=stopped)
     except Exception:
         stop.check()   # a stop raised inside TensorFlow may come back as another error
         raise
@@ -208,6 +220,17 @@ def _validate(r: Run, step: int, history: list) -> None:
                       "same command resumes from it (validating it first).", step, step)
         raise
     checkpointing.atomic_write_json(os.path.join(r.workdir, "history.json"), history)
+
+
+def _flat(config: Config, history: list, step: int) -> dict | None:
+    """What results.json records when ``--stop_when_flat`` ends the run at ``step`` (a
+    validation whose curve has been flat for that long), else None."""
+    every = config.evaluation.stop_when_flat
+    if not every or not history or history[-1]["step"] != step:
+        return None
+    rise, flat = plots.flat_for(history)
+    return None if flat < every else {"at_iteration": step, "last_rise": rise, "flat_iterations": flat,
+            "stop_when_flat": every, "metric": plots.curve_metric(history[-1])[0]}
 
 
 def _preflight(r: Run) -> None:
@@ -268,11 +291,12 @@ def read_config(workdir: str) -> Config:
 
 
 def final_evaluation(r: Run, train_seconds: float = 0.0, start: int = 0,
-                     name: str = "results", before_writing=None) -> dict:
+                     name: str = "results", before_writing=None, stopped: dict | None = None) -> dict:
     """Evaluates on the fixed test tasks and writes ``<name>.json`` atomically; TensorBoard
     gets the values under ``eval/`` (``eval/<name>/`` for a named evaluation) once per step:
     an evaluation that repeats a written result does not write them again. ``before_writing``
-    (no arguments) is called before ``<name>.json`` is written, and may raise to keep it unwritten."""
+    (no arguments) is called before ``<name>.json`` is written, and may raise to keep it
+    unwritten. stopped: ``--stop_when_flat`` ended the training here (``_flat``)."""
     step = int(r.step.numpy())
     path = os.path.join(r.workdir, f"{name}.json")
     t0 = time.time()
@@ -290,6 +314,7 @@ def final_evaluation(r: Run, train_seconds: float = 0.0, start: int = 0,
         "train_seconds_total": checkpointing.training_time(r.workdir),
         "eval_seconds": round(time.time() - t0, 1),
         "environment": provenance.environment(r.strategy),
+        **({"stopped_when_flat": stopped} if stopped else {}),
     }
     checkpointing.atomic_write_json(path, results)
     r.family.describe(results)

@@ -1,6 +1,7 @@
 """Plots a run's validation curve (``history.json``) to a PNG; kept short. Prints the best
 validation and the last iteration where the curve rose beyond the CI of the best before it
-(``plots.last_rise``), which says whether a long run has stopped improving.
+(``plots.last_rise``), which says whether a long run has stopped improving (the rule that
+``--stop_when_flat`` applies during training).
 
     python -m maml_tf.plot_curve --workdir=$HOME/maml_runs/omniglot_5w1s --out=curve.png
 """
@@ -24,16 +25,16 @@ def main(argv):
     if not os.path.exists(path):
         raise SystemExit(f"{path} does not exist: the run has not validated yet.")
     history = json.load(open(path))
-    key = "accuracy" if "accuracy" in history[0] else "loss"
+    key, higher = plots.curve_metric(history[0])
     steps, means, cis = ([h[k] for h in history] for k in ("step", key, f"{key}_ci95"))
     plots.learning_curve(steps, means, cis,
                          FLAGS.title or os.path.basename(os.path.normpath(FLAGS.workdir)),
                          f"validation {key} (95% CI)", FLAGS.out)
-    best = (max if key == "accuracy" else min)(range(len(means)), key=lambda i: means[i])
-    rise = plots.last_rise(steps, means, cis, higher_is_better=key == "accuracy")
+    best = (max if higher else min)(range(len(means)), key=lambda i: means[i])
+    rise, flat = plots.flat_for(history)
     print(f"Wrote {FLAGS.out}. Best validation {key}: {means[best]:.4f} ± {cis[best]:.4f} at "
           f"iteration {steps[best]}; the last rise beyond the CI of the best before it was at "
-          f"iteration {rise}, {steps[-1] - rise:,} iterations before the last validation "
+          f"iteration {rise}, {flat:,} iterations before the last validation "
           f"({steps[-1]}).")
 
 

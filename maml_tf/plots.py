@@ -103,6 +103,33 @@ def last_rise(steps, means, cis, higher_is_better: bool = True):
     return rise
 
 
+# The validation value of a history.json point, and whether higher is better.
+CURVE_METRICS = (("accuracy", True), ("return", True), ("loss", False))
+
+
+def curve_metric(point: dict) -> tuple[str, bool]:
+    """(key, higher is better) of the validation value in a history.json ``point``: accuracy
+    (classification), return (RL) or loss (regression)."""
+    for key, higher in CURVE_METRICS:
+        if key in point:
+            return key, higher
+    raise ValueError(f"No validation value in {point}: expected one of "
+                     f"{', '.join(k for k, _ in CURVE_METRICS)}.")
+
+
+def flat_for(history: list[dict]) -> tuple[int | None, int]:
+    """(the step of the last rise beyond the 95% CI, ``last_rise``, and the iterations from
+    it to the last validation) of a run's validation curve, history.json's points in step
+    order; ``(None, 0)`` for an empty curve. ``--stop_when_flat`` ends a run when the second
+    reaches it."""
+    if not history:
+        return None, 0
+    key, higher = curve_metric(history[0])
+    rise = last_rise([h["step"] for h in history], [h[key] for h in history],
+                     [h[f"{key}_ci95"] for h in history], higher_is_better=higher)
+    return rise, history[-1]["step"] - (rise or 0)
+
+
 def _figure_to_image(fig) -> tf.Tensor:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

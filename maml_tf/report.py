@@ -143,7 +143,9 @@ def _groups(runs: list[RunRecord]) -> list[list[RunRecord]]:
     """The runs, grouped by what they compute (all but the seed), in the order found."""
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
-        groups.setdefault((group_key(run.config), run.iterations), []).append(run)
+        # Seeds that --stop_when_flat ended at different iterations are one experiment.
+        iterations = "when flat" if run.stopped_when_flat else run.iterations
+        groups.setdefault((group_key(run.config), iterations), []).append(run)
     return list(groups.values())
 
 
@@ -214,12 +216,21 @@ def comparison(runs: list[RunRecord], reference: str) -> str:
             "its 95% CI by Welch's t over seeds\n\n" + "\n".join(lines))
 
 
+def _iterations(members: list[RunRecord]) -> str:
+    """The iterations × meta-batch cell of one run or a group of seeds."""
+    steps = sorted({run.iterations for run in members})
+    text = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
+    if any(run.stopped_when_flat for run in members):
+        text += " (stopped when flat)"
+    return f"{text} × {members[0].config.get('meta_batch_size', '?')}"
+
+
 def _row(run: RunRecord, shot_key: str, name: str, values: list[str], seconds: float | None,
-         sessions: int) -> str:
+         sessions: int, members: list[RunRecord] | None = None) -> str:
     row = ([_cell(run.config, shot_key), name, _paper(run.config, shot_key, run.iterations)] +
            values + [_steps(run.config, run.main), str(run.main.protocol.get("num_tasks", "?")),
-                     f"{run.iterations:,} × {run.config.get('meta_batch_size', '?')}",
-                     _hardware(run.environment), _duration(seconds, sessions)])
+                     _iterations(members or [run]), _hardware(run.environment),
+                     _duration(seconds, sessions)])
     return "| " + " | ".join(row) + " |"
 
 
@@ -243,7 +254,7 @@ def _seed_rows(members: list[RunRecord], columns: list[str], all_steps: bool) ->
     return [_row(first, shot_key, name,
                  [_seeds_value([b[c] for b in columns_of], shot_key, all_steps)
                   if all(c in b for b in columns_of) else "—" for c in columns],
-                 seconds, sessions)
+                 seconds, sessions, members)
             for shot_key in first.main.by_shot]
 
 
@@ -255,7 +266,9 @@ FOOTNOTE = ("Mean ± 95% CI (1.96 · std / √tasks) over fixed test tasks, afte
             "alone. Wall time is training (compilation and validation included) summed over "
             "the run's sessions. A row of n seeds: the mean over the seeds' results ± the 95% "
             "CI over seeds (t_{0.975, n-1} · s / √n, s with ddof = 1), then the mean of the "
-            "seeds' own test-task CIs; its wall time is the seeds' sum.")
+            "seeds' own test-task CIs; its wall time is the seeds' sum. \"Stopped when flat\": "
+            "--stop_when_flat ended the training once validation had not risen beyond its CI "
+            "for that many iterations.")
 
 
 def main(argv: list[str]) -> int:

@@ -65,6 +65,7 @@ class RunRecord:
     environment: dict
     train_seconds: float | None         # over all sessions; None when unknown
     sessions: int
+    stopped_when_flat: dict | None = None   # --stop_when_flat ended its training (results.json)
 
     @property
     def iterations(self) -> int:
@@ -136,7 +137,8 @@ def read_run(workdir: str) -> RunRecord:
     elif seconds is None and step == 0:
         seconds = 0.0
     return RunRecord(workdir, config, main, others, raw.get("environment") or {},
-                     seconds, int(total.get("sessions") or (1 if seconds is not None else 0)))
+                     seconds, int(total.get("sessions") or (1 if seconds is not None else 0)),
+                     raw.get("stopped_when_flat"))
 
 
 def _runs_inside(path: str, depth: int = 3) -> list[str]:

@@ -476,6 +476,49 @@ def test_the_last_rise_of_a_curve_is_beyond_the_ci_of_the_best_before_it():
     assert plots.last_rise([], [], []) is None
 
 
+def test_flat_for_counts_the_iterations_since_the_last_rise_of_the_run_s_own_metric():
+    from maml_tf import plots
+    curve = [{"step": s, "accuracy": m, "accuracy_ci95": 0.04}
+             for s, m in [(1000, 0.5), (2000, 0.6), (3000, 0.61), (4000, 0.62)]]
+    assert plots.flat_for(curve) == (2000, 2000)
+    # A loss (regression) falls, a return (RL) rises.
+    loss = [{"step": h["step"], "loss": -h["accuracy"], "loss_ci95": 0.04} for h in curve]
+    assert plots.flat_for(loss) == (2000, 2000)
+    ret = [{"step": h["step"], "return": h["accuracy"], "return_ci95": 0.04} for h in curve]
+    assert plots.flat_for(ret + [{"step": 5000, "return": 0.7, "return_ci95": 0.04}]) == (5000, 0)
+    assert plots.flat_for([]) == (None, 0)
+
+
+def test_stop_when_flat_ends_training_counts_as_finished_and_stays_ended(tmp_path):
+    from maml_tf import grid, report, run_records
+    # A meta-learning rate of 1e-12 keeps the validation curve flat from its first point
+    # (iteration 1): a rule of 3 iterations ends the run at iteration 4 of 20.
+    config = smoke(num_iterations=20, eval_every=1, checkpoint_every=10, meta_lr=1e-12,
+                   stop_when_flat=3, eval_shots=[])
+    workdir = str(tmp_path / "run")
+    results = api.train(config, workdir)
+    assert results["stopped_when_flat"] == {"at_iteration": 4, "last_rise": 1,
+                                            "flat_iterations": 3, "stop_when_flat": 3,
+                                            "metric": "loss"}
+    assert results["protocol"]["checkpoint_step"] == 4 and results["iterations_this_session"] == 4
+    assert os.path.exists(os.path.join(workdir, "checkpoints", "ckpt-4.index"))
+    history = json.load(open(os.path.join(workdir, "history.json")))
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert grid.finished(workdir)
+    row = report.table(run_records.read_runs([workdir]))
+    assert "4 (stopped when flat) × 2" in row, row
+    # The same command trains no further; a looser rule (resumable) trains on.
+    again = api.train(config, workdir)
+    assert again["iterations_this_session"] == 0 and again["stopped_when_flat"]["at_iteration"] == 4
+    looser = api.train(config.replace(stop_when_flat=5), workdir)
+    assert looser["iterations_this_session"] == 2
+    assert looser["stopped_when_flat"]["at_iteration"] == 6 and grid.finished(workdir)
+    # Without the rule the run trains on to --num_iterations, and results.json drops the record.
+    api.train(config.replace(stop_when_flat=0, num_iterations=7), workdir)
+    assert grid.finished(workdir)
+    assert "stopped_when_flat" not in json.load(open(os.path.join(workdir, "results.json")))
+
+
 @pytest.mark.parametrize("fixture, first", [("flat_config_sinusoid.json", 2),
                                             ("flat_config_navigation_2d.json", 1)])
 def test_a_workdir_whose_config_json_is_flat_resumes_and_evaluates(tmp_path, fixture, first):

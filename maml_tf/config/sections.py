@@ -248,6 +248,7 @@ class EvalConfig(Section):
     val_tasks: int = 100
     eval_seed: int = 1234
     eval_every: int = 1000
+    stop_when_flat: int = 0
     eval_dataset: str = ""
     eval_data_dir: str = ""
     eval_split_file: str = ""
@@ -267,6 +268,7 @@ class EvalConfig(Section):
         at_least("val_tasks", self.val_tasks, 1)
         at_most("eval_seed", self.eval_seed, 2 ** 63 - 1, "(a 64-bit seed)")
         at_least("eval_every", self.eval_every, 1)
+        at_least("stop_when_flat", self.stop_when_flat, 0, "(0: train all --num_iterations)")
         if self.eval_dataset and not self.eval_dataset.startswith(TFDS_PREFIX):
             choice("eval_dataset", self.eval_dataset, ("omniglot", "mini_imagenet", "folder",
                                                        "tfds:<name>"))

@@ -33,7 +33,9 @@ import json, os, sys
 try:
     config = json.load(open(os.path.join(sys.argv[1], "config.json")))
     results = json.load(open(os.path.join(sys.argv[1], "results.json")))
-    sys.exit(results["protocol"]["checkpoint_step"] != config.get("optim", config)["num_iterations"])
+    rule = config.get("evaluation", config).get("stop_when_flat", 0)
+    stopped = rule and results.get("stopped_when_flat", {}).get("stop_when_flat") == rule
+    sys.exit(not stopped and results["protocol"]["checkpoint_step"] != config.get("optim", config)["num_iterations"])
 except (OSError, ValueError, KeyError):
     sys.exit(1)
 EOF
