@@ -12,8 +12,11 @@ with ``ddof = 1``), as MAML++ and "A Closer Look at Few-shot Classification" rep
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
+
+from maml_tf.config.sections import SECTIONS
 
 # Settings that do not change what a run computes (where it runs, how often it logs, how
 # memory is saved): runs that differ only in these and the seed are one experiment.
@@ -104,7 +107,19 @@ def difference_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, 
     return mean_a - mean_b, t_quantile(0.975, df) * math.sqrt(var_a + var_b), df
 
 
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value   # config.json writes tuples as lists
+
+
+# Each setting's default: a run whose config.json predates a setting ran with its default.
+_DEFAULTS = {f.name: f.default for section in SECTIONS for f in dataclasses.fields(section)}
+_ABSENT = object()
+
+
 def group_key(config: dict) -> tuple:
     """What makes runs one experiment: their flat config without the seed and the settings
-    that do not change what is computed (``NOT_THE_EXPERIMENT``)."""
-    return tuple(sorted((k, repr(v)) for k, v in config.items() if k not in NOT_THE_EXPERIMENT))
+    that do not change what is computed (``NOT_THE_EXPERIMENT``). A setting at its default
+    counts as absent, so that runs written before a setting existed group with runs that
+    leave it at its default."""
+    return tuple(sorted((k, repr(_plain(v))) for k, v in config.items()
+                        if k not in NOT_THE_EXPERIMENT and _plain(v) != _DEFAULTS.get(k, _ABSENT)))

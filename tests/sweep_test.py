@@ -60,6 +60,10 @@ def test_runs_that_differ_only_by_seed_and_logging_are_one_experiment():
     b = Config(dataset="omniglot", seed=1, log_every=7, jit_compile=False).to_flat_dict()
     c = Config(dataset="omniglot", seed=1, inner_lr=0.1).to_flat_dict()
     assert seeds.group_key(a) == seeds.group_key(b) != seeds.group_key(c)
+    # A run written before a setting existed (its config.json lacks it) ran with its default.
+    older = {k: v for k, v in a.items() if k not in ("stop_when_flat", "eval_shots")}
+    assert seeds.group_key(older) == seeds.group_key(a)
+    assert seeds.group_key({**a, "eval_shots": [1]}) != seeds.group_key(a)
 
 
 # -- grids ---------------------------------------------------------------------------------------
