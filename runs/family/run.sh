@@ -2,7 +2,8 @@
 # The Omniglot 5-way 1-shot family table of runs/README.md at three seeds, end to end:
 # every algorithm of runs/family/ trained for 2,000 iterations at seeds 0, 1, 2 (two runs at
 # a time), each finished run evaluated a second time non-transductively with 15 queries per
-# class (MAML++ with BNRS: per_example) while the others train, then the report.
+# class (MAML++ with BNRS: per_example; its checkpoints also with batch statistics,
+# runs/family/batch_statistics.sh) while the others train, then the report.
 #
 #   MAML_TF_DATA_DIR=../shared/data/omniglot runs/family/run.sh $HOME/maml_runs/family [KEEP]
 #
@@ -55,6 +56,9 @@ evaluate_finished() {
          "$d"/history.json "$K/${d#"$W"/}"/ 2>/dev/null
     fi
   done
+  # MAML++'s finished seeds with batch statistics at test time: the table's "mamlpp" row.
+  PYTHON=$PY runs/family/batch_statistics.sh "$W" "$K" & child=$!
+  wait $child || echo "runs/family/batch_statistics.sh failed (exit $?); see above." >&2
 }
 
 $PY -m maml_tf.sweep --grid="flagfile=${FLAGFILES:-runs/family/*.cfg}" --seeds=3 --workdir="$W" \
