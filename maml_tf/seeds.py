@@ -12,7 +12,6 @@ with ``ddof = 1``), as MAML++ and "A Closer Look at Few-shot Classification" rep
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -112,7 +111,7 @@ def _plain(value: Any) -> Any:
 
 
 # Each setting's default: a run whose config.json predates a setting ran with its default.
-_DEFAULTS = {f.name: f.default for section in SECTIONS for f in dataclasses.fields(section)}
+_DEFAULTS = {name: section.default(name) for section in SECTIONS for name in section.field_names()}
 _ABSENT = object()
 
 
