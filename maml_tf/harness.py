@@ -229,7 +229,9 @@ def _flat(config: Config, history: list, step: int) -> dict | None:
     if not every or not history or history[-1]["step"] != step:
         return None
     rise, flat = plots.flat_for(history)
-    return None if flat < every else {"at_iteration": step, "last_rise": rise, "flat_iterations": flat,
+    if flat < every:
+        return None
+    return {"at_iteration": step, "last_rise": rise, "flat_iterations": flat,
             "stop_when_flat": every, "metric": plots.curve_metric(history[-1])[0]}
 
 

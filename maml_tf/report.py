@@ -143,8 +143,9 @@ def _groups(runs: list[RunRecord]) -> list[list[RunRecord]]:
     """The runs, grouped by what they compute (all but the seed), in the order found."""
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
-        # Seeds that --stop_when_flat ended at different iterations are one experiment.
-        iterations = "when flat" if run.stopped_when_flat else run.iterations
+        # Seeds of a --stop_when_flat experiment end at different iterations (or at its
+        # --num_iterations): still one experiment.
+        iterations = "when flat" if run.config.get("stop_when_flat") else run.iterations
         groups.setdefault((group_key(run.config), iterations), []).append(run)
     return list(groups.values())
 

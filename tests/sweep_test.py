@@ -199,23 +199,30 @@ def test_a_stopped_sweep_resumes_without_redoing_its_finished_runs(tmp_path):
 
 
 # -- the report over seeds -------------------------------------------------------------------
-def _seed_run(root, name, seed, accuracy, task_ci, algorithm="maml", way=5):
+def _seed_run(root, name, seed, accuracy, task_ci, algorithm="maml", way=5, step=2000,
+              rule=0):
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
-    config = Config(dataset="omniglot", algorithm=algorithm, way=way, shot=1, seed=seed)
+    config = Config(dataset="omniglot", algorithm=algorithm, way=way, shot=1, seed=seed,
+                    num_iterations=60000 if rule else 2000, stop_when_flat=rule)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json())
     results = {
         "protocol": {"dataset": "omniglot", "algorithm": "maml", "way": 5, "shots": [1],
                      "queries": 1, "eval_mode": "transductive", "inner_steps": 3,
-                     "num_tasks": 600, "checkpoint_step": 2000},
+                     "num_tasks": 600, "checkpoint_step": step},
         "test": {"1shot": {"accuracy": {"mean": [0.2, accuracy], "ci95": [0.01, task_ci]},
                            "loss": {"mean": [1.6, 0.1], "ci95": [0.1, 0.01]}}},
         "train_seconds_this_session": 100.0, "iterations_this_session": 2000,
         "environment": {"cpu": "Some CPU", "cpu_count": 2, "accelerators": None},
     }
+    if rule and step < 60000:
+        results["stopped_when_flat"] = {"at_iteration": step, "last_rise": step - rule,
+                                        "flat_iterations": rule, "stop_when_flat": rule,
+                                        "metric": "accuracy"}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f)
+    return workdir
 
 
 def test_the_report_gives_runs_that_differ_by_seed_one_row_over_seeds(tmp_path, capsys):
@@ -231,6 +238,24 @@ def test_the_report_gives_runs_that_differ_by_seed_one_row_over_seeds(tmp_path, 
     assert report.main(["report", "--per_seed", str(tmp_path)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| Omniglot")]
     assert len(lines) == 4 and "maml, seed 2" in lines[3] and "98.00 ± 0.60 %" in lines[3]
+
+
+def test_seeds_that_stop_when_flat_at_different_iterations_are_one_row_and_finished(
+        tmp_path, capsys):
+    # Two seeds ended by --stop_when_flat=10000 and one that ran to its 60,000 iterations.
+    workdirs = [_seed_run(tmp_path / "maml", f"seed-{seed}", seed, 0.95, 0.005, step=step,
+                          rule=10000) for seed, step in enumerate([12000, 15000, 60000])]
+    assert all(grid.finished(w) for w in workdirs)
+    assert report.main(["report", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| Omniglot")]
+    assert len(lines) == 1 and "maml, 3 seeds" in lines[0], lines
+    assert "| 12,000-60,000 (stopped when flat) × " in lines[0]
+    # Under another rule (the config changed since) the stopped seeds are not finished.
+    other = _seed_run(tmp_path / "other", "seed-0", 0, 0.95, 0.005, step=12000, rule=5000)
+    results = json.load(open(os.path.join(other, "results.json")))
+    results["stopped_when_flat"]["stop_when_flat"] = 10000
+    json.dump(results, open(os.path.join(other, "results.json"), "w"))
+    assert not grid.finished(other)
 
 
 def test_the_report_says_which_seed_groups_differ_beyond_their_spread(tmp_path, capsys):
