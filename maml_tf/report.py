@@ -267,9 +267,9 @@ FOOTNOTE = ("Mean ± 95% CI (1.96 · std / √tasks) over fixed test tasks, afte
             "alone. Wall time is training (compilation and validation included) summed over "
             "the run's sessions. A row of n seeds: the mean over the seeds' results ± the 95% "
             "CI over seeds (t_{0.975, n-1} · s / √n, s with ddof = 1), then the mean of the "
-            "seeds' own test-task CIs; its wall time is the seeds' sum. \"Stopped when flat\": "
-            "--stop_when_flat ended the training once validation had not risen beyond its CI "
-            "for that many iterations.")
+            "seeds' own test-task CIs; its wall time is the seeds' sum.")
+FLAT_NOTE = ("\"Stopped when flat\": --stop_when_flat ended the training once validation had "
+             "not risen beyond its CI for that many iterations.")
 
 
 def main(argv: list[str]) -> int:
@@ -292,7 +292,7 @@ def main(argv: list[str]) -> int:
         return 1
     print(table(runs, all_steps="--all_steps" in flags, per_seed="--per_seed" in flags))
     print()
-    print(FOOTNOTE)
+    print(FOOTNOTE + (" " + FLAT_NOTE if any(run.stopped_when_flat for run in runs) else ""))
     for text in differences:
         print()
         print(text)

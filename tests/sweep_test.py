@@ -247,9 +247,10 @@ def test_seeds_that_stop_when_flat_at_different_iterations_are_one_row_and_finis
                           rule=10000) for seed, step in enumerate([12000, 15000, 60000])]
     assert all(grid.finished(w) for w in workdirs)
     assert report.main(["report", str(tmp_path)]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| Omniglot")]
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| Omniglot")]
     assert len(lines) == 1 and "maml, 3 seeds" in lines[0], lines
-    assert "| 12,000-60,000 (stopped when flat) × " in lines[0]
+    assert "| 12,000-60,000 (stopped when flat) × " in lines[0] and report.FLAT_NOTE in out
     # Under another rule (the config changed since) the stopped seeds are not finished.
     other = _seed_run(tmp_path / "other", "seed-0", 0, 0.95, 0.005, step=12000, rule=5000)
     results = json.load(open(os.path.join(other, "results.json")))
