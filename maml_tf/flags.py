@@ -141,6 +141,12 @@ flags.DEFINE_string("film_layer", _D.film_layer, "CAVIA on images: the layer who
 flags.DEFINE_float("imaml_lambda", _D.imaml_lambda, "iMAML: proximal regularisation lambda.")
 flags.DEFINE_integer("cg_steps", _D.cg_steps, "iMAML: conjugate-gradient iterations of the "
                      "implicit meta-gradient.")
+flags.DEFINE_float("cg_damping", _D.cg_damping, "iMAML: solve ((1 + this) I + H / (lambda + "
+                   "--imaml_lambda_damping)) v = g for the meta-gradient (0: the exact implicit "
+                   "gradient; the authors' code uses 1).")
+flags.DEFINE_float("imaml_lambda_damping", _D.imaml_lambda_damping, "iMAML: added to lambda "
+                   "where it divides the Hessian in the implicit system (0: exact; the "
+                   "authors' code uses 10).")
 flags.DEFINE_float("svm_c", _D.svm_c, "MetaOptNet: the SVM's C.")
 flags.DEFINE_integer("svm_iterations", _D.svm_iterations, "MetaOptNet: interior-point "
                      "iterations of the SVM solver.")

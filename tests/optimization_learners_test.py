@@ -159,6 +159,13 @@ def _linear_regression_tasks(seed, d=4, n=6):
 class ImamlTest(tf.test.TestCase):
 
     def test_implicit_gradient_equals_the_closed_form_on_a_quadratic_problem(self):
+        self._check_quadratic(cg_damping=0.0, lam_damping=0.0)
+
+    def test_damped_implicit_gradient_equals_its_closed_form(self):
+        # The authors' code's system: ((1 + cg_damping) I + H / (lam + lam_damping)) v = g.
+        self._check_quadratic(cg_damping=1.0, lam_damping=10.0)
+
+    def _check_quadratic(self, cg_damping, lam_damping):
         # Linear regression: L_s(phi) = |X phi - y|^2 / n is quadratic with Hessian
         # A = 2 X^T X / n, so the proximal solution and its Jacobian have closed forms:
         # phi* = (A + lam I)^-1 (2 X^T y / n + lam theta), d phi*/d theta = (I + A / lam)^-1.
@@ -168,7 +175,7 @@ class ImamlTest(tf.test.TestCase):
         model.layers[0].kernel.assign(np.random.default_rng(0).normal(size=(d, 1)))
         # cg_steps = d: conjugate gradient is exact in d iterations on a d-dimensional system.
         learner = IMAML(model, inner_lr=0.1, inner_steps=300, loss="mse", metric=None,
-                        lam=lam, cg_steps=d)
+                        lam=lam, cg_steps=d, cg_damping=cg_damping, lam_damping=lam_damping)
         ep = _linear_regression_tasks(0, d)
         theta = model.layers[0].kernel.numpy()
         expected_grad, expected_loss = np.zeros_like(theta), 0.0
@@ -178,7 +185,8 @@ class ImamlTest(tf.test.TestCase):
             a = 2 * x.T @ x / len(x)
             phi = np.linalg.solve(a + lam * np.eye(d), 2 * x.T @ y / len(x) + lam * theta)
             g = 2 * xq.T @ (xq @ phi - yq) / len(xq)
-            expected_grad += np.linalg.solve(np.eye(d) + a / lam, g) / TASKS
+            system = (1 + cg_damping) * np.eye(d) + a / (lam + lam_damping)
+            expected_grad += np.linalg.solve(system, g) / TASKS
             expected_loss += np.mean((xq @ phi - yq) ** 2) / TASKS
         loss, grads = _loss_and_grads(learner, learner.meta_weights(), ep, 300)
         self.assertAllClose(loss, expected_loss, rtol=1e-10)

@@ -82,7 +82,9 @@ def build_learner(config, model: keras.Model, num_classes: int | None = None,
         return CAVIA(model, context_dim=config.context_dim,
                      film_layer=config.film_layer or None, **kwargs)
     if algorithm == "imaml":
-        return IMAML(model, lam=config.imaml_lambda, cg_steps=config.cg_steps, **kwargs)
+        return IMAML(model, lam=config.imaml_lambda, cg_steps=config.cg_steps,
+                     cg_damping=config.cg_damping, lam_damping=config.imaml_lambda_damping,
+                     **kwargs)
     if algorithm == "cnp" and config.is_regression:
         return CNP(model, **kwargs)
     if algorithm == "cnp":

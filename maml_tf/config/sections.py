@@ -32,7 +32,8 @@ BLACK_BOX_LEARNERS = ("mann", "snail", "cnp")
 # Each algorithm's own switches: setting one with another algorithm is an error, and a
 # run's config.json holds only its own algorithm's.
 ALGORITHM_SWITCHES = {"context_dim": "cavia", "film_layer": "cavia", "imaml_lambda": "imaml",
-                      "cg_steps": "imaml", "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
+                      "cg_steps": "imaml", "cg_damping": "imaml",
+                      "imaml_lambda_damping": "imaml", "svm_c": "metaoptnet", "svm_iterations": "metaoptnet",
                       "fce": "matching", "fce_steps": "matching", "relation_hidden": "relation",
                       "mann_write": "mann", "lslr": "mamlpp", "bnwb": "mamlpp", "bnrs": "mamlpp",
                       "msl_iterations": "mamlpp", "da_iterations": "mamlpp"}
@@ -170,6 +171,8 @@ class LearnerConfig(Section):
     film_layer: str = ""
     imaml_lambda: float = 1.0
     cg_steps: int = 5
+    cg_damping: float = 0.0
+    imaml_lambda_damping: float = 0.0
     svm_c: float = 0.1
     svm_iterations: int = 25
     fce: bool = False
@@ -187,6 +190,8 @@ class LearnerConfig(Section):
         at_least("context_dim", self.context_dim, 1)
         positive("imaml_lambda", self.imaml_lambda)
         at_least("cg_steps", self.cg_steps, 1)
+        positive("cg_damping", self.cg_damping, allow_zero=True)
+        positive("imaml_lambda_damping", self.imaml_lambda_damping, allow_zero=True)
         positive("svm_c", self.svm_c)
         at_least("svm_iterations", self.svm_iterations, 1)
         at_least("fce_steps", self.fce_steps, 1)
