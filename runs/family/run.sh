@@ -9,7 +9,7 @@
 #
 # Run it from the repository's root (a git worktree of a fixed commit for a long run).
 # Resumable: the same command again skips finished runs and evaluations and resumes a
-# stopped run; SIGTERM stops it with a checkpoint. About 6 hours on a 2-core CPU.
+# stopped run; SIGTERM stops it with a checkpoint. About 7.5 hours on a 2-core CPU.
 #
 # KEEP (optional) is a folder that outlives the machine, such as runs/family/results of a
 # checkout you commit from: each finished and evaluated run's JSON files (config, flags,
