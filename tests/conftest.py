@@ -46,7 +46,11 @@ def mini_imagenet_dir() -> str:
     return _need(MINI_IMAGENET_DIR, "The mini-ImageNet sample")
 
 
+_CONFIG: list = []   # this session's pytest config, for the report hook below
+
+
 def pytest_configure(config):
+    _CONFIG[:] = [config]
     config.pluginmanager.register(_Isolation(), "maml_tf_isolation")
     config.addinivalue_line(
         "markers", "isolated: run this test in a fresh Python process of its own (it traces "
@@ -58,41 +62,88 @@ class _Isolation:
     """Runs the tests marked ``isolated`` in child processes (a plugin object of its own: this
     module's ``pytest_runtest_protocol`` is the profiling wrapper)."""
 
+    def __init__(self):
+        self._reports: dict[str, list] = {}   # nodeid -> its reports from a finished child
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item, nextitem):
         # A test marked `isolated` runs as `python -m pytest <its id>` in a child process, so that
         # what TensorFlow never frees (XLA's compiled clusters, measured at 0.3-0.6 GB per in-process
-        # training run) leaves with the child instead of piling up in this one.
+        # training run) leaves with the child instead of piling up in this one. The parameter
+        # variants of one test share a child: each child costs ~7 s of start-up (Python,
+        # TensorFlow, collection), and a test's variants compile a few similar programs at most.
         if item.get_closest_marker("isolated") is None or os.environ.get("MAML_TF_ISOLATED") == "1":
             return None
-        from _pytest.reports import TestReport
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", item.nodeid],
-            cwd=str(item.config.rootpath), env={**os.environ, "MAML_TF_ISOLATED": "1"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        duration = time.perf_counter() - start
-        tail = proc.stdout[-6000:]
-        if proc.returncode == 0:
-            reasons = [ln for ln in tail.splitlines() if ln.startswith("SKIPPED")]
-            skipped = bool(reasons) and " passed" not in tail
-            outcome, longrepr = ("skipped", (str(item.path), item.location[1] or 0,
-                                 "in its isolated process: " + reasons[0].split(": ", 1)[-1])
-                                 ) if skipped else ("passed", None)
-        else:
-            outcome, longrepr = "failed", f"isolated run exited with {proc.returncode}:\n{tail}"
-        for when in ("setup", "call", "teardown"):
-            report = TestReport(item.nodeid, item.location, dict.fromkeys(item.keywords, 1),
-                                outcome if when == "call" else "passed",
-                                longrepr if when == "call" else None, when,
-                                duration=duration if when == "call" else 0.0)
+        if item.nodeid not in self._reports:
+            self._run_child(item)
+        for report in self._reports.pop(item.nodeid):
             item.ihook.pytest_runtest_logreport(report=report)
         # As pytest's own protocol ends a test: tear down the scopes (module, class) that the
         # next test does not share, running their finalizers.
         item.session._setupstate.teardown_exact(nextitem)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
+
+    def _run_child(self, item):
+        """Runs ``item`` and the variants of the same test that follow it in one child, which
+        writes each of its test reports as pytest serialises them (the hook below); they are
+        replayed here as this process's own, failures' tracebacks and skips' reasons included."""
+        items = item.session.items
+        batch = [item]
+        for later in items[items.index(item) + 1:]:
+            if later.get_closest_marker("isolated") is None or _variant_of(later) != _variant_of(item):
+                break
+            batch.append(later)
+        with tempfile.NamedTemporaryFile(prefix="maml_tf_isolated_", suffix=".jsonl",
+                                         delete=False) as f:
+            reports_path = f.name
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+                + [b.nodeid for b in batch],
+                cwd=str(item.config.rootpath), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, env={**os.environ, "MAML_TF_ISOLATED": "1",
+                                "MAML_TF_ISOLATED_REPORTS": reports_path})
+            with open(reports_path) as f:
+                lines = [json.loads(line) for line in f]
+        finally:
+            os.unlink(reports_path)
+        hook = item.config.hook
+        for data in lines:
+            # (JSON turns the tuples of a skip's reason and a test's location into lists.)
+            for key in ("location", "longrepr"):
+                if isinstance(data.get(key), list):
+                    data[key] = tuple(data[key])
+            report = hook.pytest_report_from_serializable(config=item.config, data=data)
+            self._reports.setdefault(report.nodeid, []).append(report)
+        from _pytest.reports import TestReport
+        duration = time.perf_counter() - start
+        for b in batch:
+            # A test the child never reported on (it crashed, or could not collect the test)
+            # fails with the child's output.
+            if not any(r.when == "call" or r.outcome != "passed" for r in self._reports.get(b.nodeid, [])):
+                self._reports[b.nodeid] = [TestReport(
+                    b.nodeid, b.location, dict.fromkeys(b.keywords, 1), "failed",
+                    f"its isolated run exited with {proc.returncode} without a result for this "
+                    f"test:\n{proc.stdout[-6000:]}", "call", duration=duration)]
+
+
+def _variant_of(item) -> tuple:
+    """What the parameter variants of one test share: its parent (module or class) and its
+    name without the parameters (``test_x[a]``) or absl's numeric suffix (``test_x0``)."""
+    name = getattr(item, "originalname", None) or item.name
+    return item.parent.nodeid, name.split("[")[0].rstrip("0123456789")
+
+
+def pytest_runtest_logreport(report):
+    # In an isolated child: hand each report to the parent (see _Isolation).
+    path = os.environ.get("MAML_TF_ISOLATED_REPORTS")
+    if path and os.environ.get("MAML_TF_ISOLATED") == "1":
+        data = _CONFIG[0].hook.pytest_report_to_serializable(config=_CONFIG[0], report=report)
+        with open(path, "a") as f:
+            f.write(json.dumps(data) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -138,6 +189,8 @@ def _fresh_keras_state(request):
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_module_state():
     yield
+    if os.environ.get("MAML_TF_ISOLATED") == "1":
+        return   # an isolated child runs one module's tests and exits: its end frees everything
     # The data loaders cache decoded arrays (hundreds of MB for Omniglot's splits) for the
     # life of a process; a test module's end drops them, then returns freed heap to the OS.
     from maml_tf import data as data_lib
