@@ -70,8 +70,9 @@ class _Isolation:
         # A test marked `isolated` runs as `python -m pytest <its id>` in a child process, so that
         # what TensorFlow never frees (XLA's compiled clusters, measured at 0.3-0.6 GB per in-process
         # training run) leaves with the child instead of piling up in this one. The parameter
-        # variants of one test share a child: each child costs ~7 s of start-up (Python,
-        # TensorFlow, collection), and a test's variants compile a few similar programs at most.
+        # variants of one test share a child: a child's start-up (Python, TensorFlow, collection)
+        # measured 5-6 s, its first Keras import 4 s more, and a test's variants compile a few
+        # similar programs at most.
         if item.get_closest_marker("isolated") is None or os.environ.get("MAML_TF_ISOLATED") == "1":
             return None
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
