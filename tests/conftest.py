@@ -107,8 +107,8 @@ class _Isolation:
                 cwd=str(item.config.rootpath), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, env={**os.environ, "MAML_TF_ISOLATED": "1",
                                 "MAML_TF_ISOLATED_REPORTS": reports_path})
-            with open(reports_path) as f:
-                lines = [json.loads(line) for line in f]
+            with open(reports_path) as f:   # (a child killed mid-line leaves a torn last line)
+                lines = [json.loads(line) for line in f if line.endswith("\n")]
         finally:
             os.unlink(reports_path)
         hook = item.config.hook
