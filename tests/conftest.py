@@ -46,12 +46,8 @@ def mini_imagenet_dir() -> str:
     return _need(MINI_IMAGENET_DIR, "The mini-ImageNet sample")
 
 
-_CONFIG: list = []   # this session's pytest config, for the report hook below
-
-
 def pytest_configure(config):
-    _CONFIG[:] = [config]
-    config.pluginmanager.register(_Isolation(), "maml_tf_isolation")
+    config.pluginmanager.register(_Isolation(config), "maml_tf_isolation")
     config.addinivalue_line(
         "markers", "isolated: run this test in a fresh Python process of its own (it traces "
                    "and XLA-compiles whole training runs, whose compiled code TensorFlow keeps "
@@ -62,7 +58,8 @@ class _Isolation:
     """Runs the tests marked ``isolated`` in child processes (a plugin object of its own: this
     module's ``pytest_runtest_protocol`` is the profiling wrapper)."""
 
-    def __init__(self):
+    def __init__(self, config):
+        self._config = config
         self._reports: dict[str, list] = {}   # nodeid -> its reports from a finished child
 
     @pytest.hookimpl(tryfirst=True)
@@ -88,8 +85,9 @@ class _Isolation:
 
     def _run_child(self, item):
         """Runs ``item`` and the variants of the same test that follow it in one child, which
-        writes each of its test reports as pytest serialises them (the hook below); they are
-        replayed here as this process's own, failures' tracebacks and skips' reasons included."""
+        writes each of its test reports as pytest serialises them (``pytest_runtest_logreport``
+        below); they are replayed here as this process's own, failures' tracebacks and skips'
+        reasons included."""
         items = item.session.items
         batch = [item]
         for later in items[items.index(item) + 1:]:
@@ -111,13 +109,13 @@ class _Isolation:
                 lines = [json.loads(line) for line in f if line.endswith("\n")]
         finally:
             os.unlink(reports_path)
-        hook = item.config.hook
+        hook = self._config.hook
         for data in lines:
             # (JSON turns the tuples of a skip's reason and a test's location into lists.)
             for key in ("location", "longrepr"):
                 if isinstance(data.get(key), list):
                     data[key] = tuple(data[key])
-            report = hook.pytest_report_from_serializable(config=item.config, data=data)
+            report = hook.pytest_report_from_serializable(config=self._config, data=data)
             self._reports.setdefault(report.nodeid, []).append(report)
         from _pytest.reports import TestReport
         duration = time.perf_counter() - start
@@ -130,21 +128,20 @@ class _Isolation:
                     f"its isolated run exited with {proc.returncode} without a result for this "
                     f"test:\n{proc.stdout[-6000:]}", "call", duration=duration)]
 
+    def pytest_runtest_logreport(self, report):
+        # In an isolated child: hand each report to the parent (see _run_child).
+        path = os.environ.get("MAML_TF_ISOLATED_REPORTS")
+        if path and os.environ.get("MAML_TF_ISOLATED") == "1":
+            data = self._config.hook.pytest_report_to_serializable(config=self._config, report=report)
+            with open(path, "a") as f:
+                f.write(json.dumps(data) + "\n")
+
 
 def _variant_of(item) -> tuple:
     """What the parameter variants of one test share: its parent (module or class) and its
     name without the parameters (``test_x[a]``) or absl's numeric suffix (``test_x0``)."""
     name = getattr(item, "originalname", None) or item.name
     return item.parent.nodeid, name.split("[")[0].rstrip("0123456789")
-
-
-def pytest_runtest_logreport(report):
-    # In an isolated child: hand each report to the parent (see _Isolation).
-    path = os.environ.get("MAML_TF_ISOLATED_REPORTS")
-    if path and os.environ.get("MAML_TF_ISOLATED") == "1":
-        data = _CONFIG[0].hook.pytest_report_to_serializable(config=_CONFIG[0], report=report)
-        with open(path, "a") as f:
-            f.write(json.dumps(data) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):
