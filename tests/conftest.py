@@ -175,7 +175,8 @@ class _Isolation:
 BATCH_ENDED = {"maml_tf_isolated_batch": "ended early"}
 # At 2 GB the suite's processes peaked at 5.77 GB (PSS) during the outer-update batch in
 # session 23's CI run, a child of up to 2.3 GB beside this process at 3.3-3.8 GB: too close to
-# the budget. At 1.5 GB those variants each get a child of their own (1.5-1.9 GB).
+# the budget. At 1.5 GB those five variants take four children (1.4-1.9 GB after each test,
+# 2.1 GB at most, measured).
 CHILD_BATCH_GB = 1.5
 
 
@@ -320,7 +321,8 @@ class _TreeMemory:
     SAMPLE_SECONDS as PSS, which counts pages shared between processes (TensorFlow's libraries)
     once, as the machine does. The budget is the tree's: measured in session 22, this process at
     4.3 GB plus a 2-3 GB training command beside it took the machine's used memory to 7.2 GB,
-    while this process alone stayed under 6."""
+    while this process alone stayed under 6. Peaks are put down to the test that started last
+    (for an isolated batch of variants: its first)."""
 
     SAMPLE_SECONDS = 2.0   # a sample reads each process's smaps_rollup: 25-35 ms measured
 
