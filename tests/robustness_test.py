@@ -23,10 +23,33 @@ ARGS = ["--dataset=sinusoid", "--shot=5", "--query=5", "--meta_batch_size=4",
         "--eval_tasks=20", "--val_tasks=4", "--eval_inner_steps=2"]
 
 
-def _train(workdir):
+def _train(workdir, stderr=subprocess.PIPE):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.Popen([sys.executable, "-m", "maml_tf.train", f"--workdir={workdir}"] + ARGS,
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted run of ``ARGS``, which the interrupted runs must end bitwise equal to.
+    It starts in the background when a test first asks for it and runs beside that test's
+    own runs (most of a run is single-threaded start-up and compilation); calling the
+    fixture's value waits for it and gives its workdir."""
+    workdir = str(tmp_path_factory.mktemp("straight") / "run")
+    log = open(workdir + ".stderr", "w+b")
+    proc = _train(workdir, stderr=log)
+
+    def finished():
+        if proc.wait(timeout=300) != 0:
+            log.seek(0)
+            raise AssertionError(log.read().decode()[-2000:])
+        return workdir
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 def _final_weights(workdir):
@@ -38,9 +61,8 @@ def _final_weights(workdir):
     return {n: reader.get_tensor(n) for n in names}, reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
 
 
-def test_kill_9_mid_run_then_resume_ends_bitwise_identical(tmp_path):
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    assert _train(straight).wait() == 0
+def test_kill_9_mid_run_then_resume_ends_bitwise_identical(straight_run, tmp_path):
+    killed = str(tmp_path / "killed")
     rng = random.Random(0)
     for _ in range(2):   # kill twice, at random moments after a checkpoint exists
         proc = _train(killed)
@@ -55,6 +77,7 @@ def test_kill_9_mid_run_then_resume_ends_bitwise_identical(tmp_path):
     _, err = resumed.communicate()
     assert resumed.returncode == 0, err.decode()[-2000:]
     assert "Resuming at iteration" in err.decode()
+    straight = straight_run()
     (a, sa), (b, sb) = _final_weights(straight), _final_weights(killed)
     assert sa == sb == 300 and a.keys() == b.keys()
     for name in a:
@@ -106,10 +129,9 @@ def _wait_for(proc, path_glob, timeout=120):
         time.sleep(0.05)
 
 
-def test_a_second_run_is_refused_while_one_owns_the_workdir_and_sigterm_saves(tmp_path):
+def test_a_second_run_is_refused_while_one_owns_the_workdir_and_sigterm_saves(straight_run, tmp_path):
     from maml_tf.checkpointing import WorkdirBusyError
-    straight, workdir = str(tmp_path / "straight"), str(tmp_path / "run")
-    assert _train(straight).wait() == 0
+    workdir = str(tmp_path / "run")
     proc = _train(workdir)
     _wait_for(proc, os.path.join(workdir, "checkpoints", "ckpt-*.index"))
     # A second run, even with --overwrite, is refused and names the owner; nothing moves.
@@ -134,7 +156,7 @@ def test_a_second_run_is_refused_while_one_owns_the_workdir_and_sigterm_saves(tm
     resumed = _train(workdir)
     _, err = resumed.communicate()
     assert resumed.returncode == 0, err.decode()[-2000:]
-    (a, sa), (b, sb) = _final_weights(straight), _final_weights(workdir)
+    (a, sa), (b, sb) = _final_weights(straight_run()), _final_weights(workdir)
     assert sa == sb == 300
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
