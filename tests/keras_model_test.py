@@ -542,7 +542,7 @@ def test_readme_example_trains_a_user_model_on_omniglot_then_evaluates(tmp_path,
         # Without XLA (test_cli_model_function_trains_... compiles a user's model): this
         # checks the README's code, its workdir and the evaluation entry point.
         "num_iterations=60000": "num_iterations=2, eval_tasks=4, val_tasks=2, eval_every=2, "
-                                "jit_compile=False",
+                                "jit_compile=False, step_metrics_every=1",   # one program
         "meta_batch_size=32": "meta_batch_size=2",
     })
     script = tmp_path / "my_maml.py"

@@ -176,7 +176,8 @@ def test_a_mixed_precision_run_trains_and_evaluates_in_every_mode(tmp_path, monk
     config = Config(dataset="python", class_split=(6, 3, 3), way=3, shot=1, query=2,
                     num_filters=4, meta_batch_size=2, num_iterations=4, val_tasks=3,
                     eval_tasks=3, eval_every=2, eval_inner_steps=2,
-                    precision="mixed_bfloat16")
+                    precision="mixed_bfloat16",
+                    step_metrics_every=1)   # one meta-step program: a second traces apart
     # One training run (validated in the support mode), then the test tasks in each mode.
     workdir = str(tmp_path / "run")
     results = {"support": maml_tf.train(config.replace(eval_mode="support"), workdir,

@@ -2,6 +2,7 @@
 a SavedModel whose ``adapt_and_predict`` equals the learner's own prediction, loaded in a
 process that cannot import maml_tf."""
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -114,14 +115,17 @@ def _installed(distribution: str) -> bool:
 
 @pytest.mark.isolated
 def test_the_saved_model_and_keras_file_load_in_a_fresh_tensorflow_only_environment(tmp_path):
-    workdir = trained(str(tmp_path / "run"), "maml")
-    learner = maml_tf.load(workdir)
-    sx, sy, qx = tasks(3)
-    mine = learner.predict_queries(maml_tf.Episode(sx, sy, qx, None),
-                                   mode=learner.config.eval_mode).numpy()
-    served = maml_tf.export(workdir, "saved_model", str(tmp_path / "served"))
-    keras_file = maml_tf.export(workdir, "keras", str(tmp_path / "net.keras"))
-    python = tensorflow_only_venv(tmp_path / "venv")
+    # The environment is made (mostly pip unpacking TensorFlow) while the run trains.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as lane:
+        venv = lane.submit(tensorflow_only_venv, tmp_path / "venv")
+        workdir = trained(str(tmp_path / "run"), "maml")
+        learner = maml_tf.load(workdir)
+        sx, sy, qx = tasks(3)
+        mine = learner.predict_queries(maml_tf.Episode(sx, sy, qx, None),
+                                       mode=learner.config.eval_mode).numpy()
+        served = maml_tf.export(workdir, "saved_model", str(tmp_path / "served"))
+        keras_file = maml_tf.export(workdir, "keras", str(tmp_path / "net.keras"))
+        python = venv.result()
     out = run_without_maml_tf(tmp_path, dict(sx=sx, sy=sy, qx=qx), python=python,
                               saved_model=served, keras=keras_file)
     np.testing.assert_allclose(out["logits"], mine, atol=1e-5)
@@ -176,6 +180,11 @@ def test_serving_modes_regression_and_the_command_line(tmp_path):
     out = str(tmp_path / "cli")
     cmd = [sys.executable, "-m", "maml_tf.export", f"--workdir={workdir}", f"--out={out}",
            "--shot=2"]
+    # The command line's refusal (below) starts beside the export: each process spends
+    # seconds importing TensorFlow.
+    refused = subprocess.Popen(cmd[:4] + [f"--out={tmp_path}/y.keras", "--format=keras",
+                                          "--shot=5"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "Exported" in proc.stdout, proc.stderr[-2000:]
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -191,11 +200,9 @@ def test_serving_modes_regression_and_the_command_line(tmp_path):
     assert proc.returncode == 0 and "probabilities" in proc.stdout, proc.stderr[-2000:]
     # Refusals: one paragraph each. The command line's own one in a process (exit 1, no
     # traceback), the library's in this one (each process costs seconds of TensorFlow import).
-    proc = subprocess.run(cmd[:4] + [f"--out={tmp_path}/y.keras", "--format=keras", "--shot=5"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 1 and "--shot sets what a SavedModel serves" in proc.stderr, \
-        proc.stderr
-    assert "Traceback" not in proc.stderr
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode == 1 and "--shot sets what a SavedModel serves" in err, err
+    assert "Traceback" not in err
     for args, expected in [((out, "saved_model"), "exists and is not empty"),
                            ((f"{tmp_path}/x.h5", "keras"), "must end in .keras"),
                            ((f"{tmp_path}/z", "saved_model", 7), "no checkpoint ckpt-7")]:
