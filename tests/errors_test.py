@@ -16,7 +16,7 @@ from maml_tf.data.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--num_iterations=2", "--meta_batch_size=2", "--eval_tasks=4", "--val_tasks=2",
-        "--eval_every=2", "--checkpoint_every=2"]
+        "--eval_every=2", "--log_every=1", "--checkpoint_every=2"]   # log_every: one program
 
 
 def _train(tmp_path, *args, env=None, command="maml_tf.train"):
